@@ -1,0 +1,1 @@
+"""peft-balanced: balanced low-rank adapters as PEFT plugins."""
