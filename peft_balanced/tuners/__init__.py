@@ -1,0 +1,1 @@
+"""The PEFT tuners of peft-balanced, one sub-package per method (config.py / layer.py / model.py)."""

@@ -1,0 +1,181 @@
+"""BLoRA layers: one class for nn.Linear and every quantized linear peft has a backend for (bnb 4/8-bit, ...)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import quantization_extra_repr, resolve_quantization_backend
+from torch import nn
+
+from ...ops import expand, expand_blocks, pool
+from ..common import check_adapter_shapes_on_load, guard_bnb_cpu_repack, undo_bnb_cpu_repack
+from .config import BLoRAConfig
+
+
+class BLoRALayer(BaseTunerLayer):
+    """State shared by BLoRA layers: per adapter ``bal_A: (λr, D_in/λ)``, ``bal_B: (D_out/λ, λr)``."""
+
+    adapter_layer_names: tuple[str, ...] = ("bal_A", "bal_B")
+    other_param_names: tuple[str, ...] = ("r", "balance_factor", "lora_alpha", "scaling", "bal_dropout")
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.quantization_backend = resolve_quantization_backend(
+            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
+        )
+        self.r: dict[str, int] = {}
+        self.balance_factor: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.bal_dropout = nn.ModuleDict({})
+        self.bal_A = nn.ModuleDict({})
+        self.bal_B = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        guard_bnb_cpu_repack(self.get_base_layer())
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None:
+            raise TypeError(f"BLoRA cannot adapt {module_name or 'this module'} of type {type(base_layer).__name__}.")
+        self.in_features, self.out_features = in_features, out_features
+
+    def update_layer(self, adapter_name: str, config: BLoRAConfig, inference_mode: bool = False) -> None:
+        """Create (or replace) the adapter ``adapter_name`` on this layer."""
+        lam, r = config.balance_factor, config.r
+        for dim_name, dim in (("in_features", self.in_features), ("out_features", self.out_features)):
+            if dim % lam:
+                raise ValueError(
+                    f"BLoRA cannot adapt module {self.module_name!r}: its {dim_name} ({dim}) is not a multiple of "
+                    f"balance_factor={lam} (in_features={self.in_features}, out_features={self.out_features}). "
+                    "Choose a balance_factor that divides both, exclude the module, or set skip_indivisible=True."
+                )
+        self.r[adapter_name] = r
+        self.balance_factor[adapter_name] = lam
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.lora_alpha / r
+        self.bal_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.bal_A[adapter_name] = nn.Linear(self.in_features // lam, lam * r, bias=False)
+        self.bal_B[adapter_name] = nn.Linear(lam * r, self.out_features // lam, bias=False)
+        self.reset_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def reset_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        """LoRA's initialization: Kaiming-uniform A; B zero (``init_weights=True``) or random (``False``)."""
+        nn.init.kaiming_uniform_(self.bal_A[adapter_name].weight, a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(self.bal_B[adapter_name].weight)
+        else:
+            nn.init.kaiming_uniform_(self.bal_B[adapter_name].weight, a=math.sqrt(5))
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s · expand_λ(B A pool_λ(dropout(x)))``: ``(..., D_in) -> (..., D_out)`` in the adapter's dtype."""
+        lam = self.balance_factor[adapter_name]
+        lora_a, lora_b = self.bal_A[adapter_name], self.bal_B[adapter_name]
+        x = self._cast_input_dtype(x, lora_a.weight.dtype)
+        small = lora_b(lora_a(pool(self.bal_dropout[adapter_name](x), lam)))
+        return expand(small, lam) * self.scaling[adapter_name]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Full update ``ΔW = s · expand_blocks(B A, λ, λ) / λ`` of shape ``(D_out, D_in)``, in float32."""
+        lam = self.balance_factor[adapter_name]
+        a = self.bal_A[adapter_name].weight.detach().float()
+        b = self.bal_B[adapter_name].weight.detach().float()
+        return expand_blocks(b @ a, lam, lam) * (self.scaling[adapter_name] / lam)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active (or the given) adapters' ``ΔW`` to the base weight.
+
+        On a quantized base the weight is dequantized, updated and re-quantized (as peft's LoRA does); use
+        ``merge_and_unload(dequantize=True)`` for a lossless 16-bit result.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.bal_A:
+                continue
+            self._add_to_base_weight(name, sign=1.0, check_finite=safe_merge)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's ``ΔW`` again, newest first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.bal_A:
+                self._add_to_base_weight(name, sign=-1.0, check_finite=False)
+
+    def _add_to_base_weight(self, adapter_name: str, sign: float, check_finite: bool) -> None:
+        base_layer = self.get_base_layer()
+        if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
+            raise TypeError(
+                f"Cannot merge BLoRA into module {self.module_name!r}: "
+                f"{self.quantization_backend.backend_name} layers cannot be dequantized."
+            )
+        undo_bnb_cpu_repack(base_layer)
+        weight = self.get_base_weight()
+        orig_dtype = weight.dtype
+        delta = self.get_delta_weight(adapter_name).to(weight.device)
+        merged = weight.float() + sign * delta
+        if check_finite and not torch.isfinite(merged).all():
+            raise ValueError(
+                f"NaNs or infs in the merged weight of module {self.module_name!r}; adapter {adapter_name!r} is broken."
+            )
+        self.set_base_weight(merged.to(orig_dtype))
+
+
+class BLoRALinear(nn.Module, BLoRALayer):
+    """A linear layer (dense or quantized) with BLoRA adapters: ``y = base(x) + Σ_active s·expand(B A pool(x))``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: BLoRAConfig, **kwargs: Any) -> None:
+        super().__init__()
+        BLoRALayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+        self.register_load_state_dict_pre_hook(check_adapter_shapes_on_load)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for name in self.active_adapters:
+            if name in self.bal_A:
+                result = result + self.adapter_output(name, x).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Each sample ``i`` of the batch uses adapter ``adapter_names[i]`` (``"__base__"``: none)."""
+        if len(adapter_names) != len(x):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {len(x)} inputs.")
+        if self.merged:
+            raise ValueError("Cannot pass adapter_names while adapters are merged; call unmerge_adapter() first.")
+        result = self.base_layer(x, *args, **kwargs).clone()
+        for name in set(adapter_names):
+            if name == "__base__" or name not in self.bal_A:
+                continue
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            result[rows] += self.adapter_output(name, x[rows]).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "blora." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        return quantization_extra_repr(self)
