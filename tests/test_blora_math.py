@@ -1,0 +1,118 @@
+"""BLoRA's math: parameter count, the anchor against peft's LoRA, exact merge, initialization."""
+
+from __future__ import annotations
+
+import torch
+from conftest import LLAMA_TARGETS, tiny_llama
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from peft_balanced import BLoRAConfig
+from peft_balanced.ops import expand, expand_blocks, pool
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_pool_averages_consecutive_groups():
+    x = torch.arange(12.0).reshape(2, 6)
+    assert torch.equal(pool(x, 3), torch.tensor([[1.0, 4.0], [7.0, 10.0]]))
+
+
+def test_expand_repeats_each_feature_in_place():
+    z = torch.tensor([[1.0, 2.0]])
+    assert torch.equal(expand(z, 3), torch.tensor([[1.0, 1.0, 1.0, 2.0, 2.0, 2.0]]))
+
+
+def test_pool_then_small_matrix_equals_block_expanded_matrix():
+    torch.manual_seed(0)
+    x, m = torch.randn(5, 12), torch.randn(2, 4)  # D_in = 12 pooled by 3, D_out = 8 expanded by 4
+    adapter_path = expand(pool(x, 3) @ m.T, 4)
+    dense_path = x @ (expand_blocks(m, 4, 3) / 3).T
+    torch.testing.assert_close(adapter_path, dense_path)
+
+
+def test_trainable_parameters_equal_lora_at_same_rank():
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=8, target_modules=LLAMA_TARGETS))
+    for lam in (1, 2, 4, 8):
+        blora = get_peft_model(tiny_llama(), BLoRAConfig(r=8, balance_factor=lam, target_modules=LLAMA_TARGETS))
+        assert trainable_parameter_count(blora) == trainable_parameter_count(lora)
+
+
+def test_balance_factor_one_with_same_weights_gives_peft_lora_output(input_ids):
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS))
+    blora = get_peft_model(
+        tiny_llama(), BLoRAConfig(r=4, balance_factor=1, lora_alpha=8, target_modules=LLAMA_TARGETS)
+    )
+    generator = torch.Generator().manual_seed(3)
+    lora_modules = dict(lora.named_modules())
+    for name, module in blora.named_modules():
+        if hasattr(module, "bal_A"):
+            twin = lora_modules[name]
+            module.bal_A["default"].weight.data = torch.randn(twin.lora_A["default"].weight.shape, generator=generator)
+            module.bal_B["default"].weight.data = torch.randn(twin.lora_B["default"].weight.shape, generator=generator)
+            twin.lora_A["default"].weight.data.copy_(module.bal_A["default"].weight.data)
+            twin.lora_B["default"].weight.data.copy_(module.bal_B["default"].weight.data)
+    with torch.no_grad():
+        torch.testing.assert_close(blora(input_ids).logits, lora(input_ids).logits, rtol=0, atol=1e-5)
+
+
+def test_output_unchanged_at_initialization(model, input_ids):
+    with torch.no_grad():
+        reference = model(input_ids).logits
+        adapted = get_peft_model(model, BLoRAConfig(r=4, balance_factor=2, target_modules="all-linear"))
+        torch.testing.assert_close(adapted(input_ids).logits, reference, rtol=0, atol=0)
+
+
+def test_output_changes_with_random_initialization(model, input_ids):
+    with torch.no_grad():
+        reference = model(input_ids).logits.clone()
+        config = BLoRAConfig(r=4, balance_factor=2, target_modules="all-linear", init_weights=False)
+        adapted = get_peft_model(model, config)
+        assert (adapted(input_ids).logits - reference).abs().max() > 1e-3
+
+
+class OneLinear(nn.Module):
+    def __init__(self, d_in: int, d_out: int, bias: bool):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lam=st.sampled_from([1, 2, 3, 4, 8]),
+    r=st.integers(1, 6),
+    in_blocks=st.integers(1, 6),
+    out_blocks=st.integers(1, 6),
+    bias=st.booleans(),
+    lead_shape=st.sampled_from([(5,), (2, 3)]),
+    seed=st.integers(0, 2**16),
+)
+def test_merged_forward_equals_unmerged_forward(lam, r, in_blocks, out_blocks, bias, lead_shape, seed):
+    torch.manual_seed(seed)
+    model = OneLinear(lam * in_blocks, lam * out_blocks, bias)
+    config = BLoRAConfig(r=r, balance_factor=lam, lora_alpha=2 * r, target_modules=["proj"], init_weights=False)
+    adapted = get_peft_model(model, config)
+    x = torch.randn(*lead_shape, lam * in_blocks)
+    with torch.no_grad():
+        unmerged = adapted(x)
+        adapted.merge_adapter()
+        merged = adapted(x)
+    assert merged.shape == (*lead_shape, lam * out_blocks)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+
+
+def test_delta_weight_is_constant_on_balance_factor_tiles():
+    torch.manual_seed(0)
+    adapted = get_peft_model(
+        OneLinear(8, 12, bias=False), BLoRAConfig(r=2, balance_factor=4, target_modules=["proj"], init_weights=False)
+    )
+    delta = adapted.base_model.model.proj.get_delta_weight("default")
+    tiles = delta.reshape(3, 4, 2, 4)
+    assert torch.equal(tiles, tiles[:, :1, :, :1].expand_as(tiles))
