@@ -31,7 +31,9 @@ def pool(x: torch.Tensor, factor: int) -> torch.Tensor:
     if factor == 1:
         return x
     if x.shape[-1] % factor:
-        raise ValueError(f"Cannot pool {x.shape[-1]} features by {factor}: {x.shape[-1]} is not a multiple of {factor}.")
+        raise ValueError(
+            f"Cannot pool {x.shape[-1]} features by {factor}: {x.shape[-1]} is not a multiple of {factor}."
+        )
     return x.unflatten(-1, (-1, factor)).mean(dim=-1)
 
 

@@ -6,8 +6,8 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit, has_avx512bf16
-from conftest import LLAMA_TARGETS
 from peft import get_peft_model
+from tiny import LLAMA_TARGETS
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, tiny_llama
 from peft import get_peft_model
+from tiny import LLAMA_TARGETS, tiny_llama
 from torch import nn
 
 from peft_balanced import BLoRAConfig, BLoRALinear

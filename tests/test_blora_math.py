@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import LLAMA_TARGETS, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
+from tiny import LLAMA_TARGETS, tiny_llama
 from torch import nn
 
 from peft_balanced import BLoRAConfig

@@ -7,12 +7,13 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
+from ...checkpoint import CheckedCheckpointMixin
 from ...ops import check_factor
 from ...registry import extend_peft_type
 
 
 @dataclass
-class BLoRAConfig(PeftConfig):
+class BLoRAConfig(CheckedCheckpointMixin, PeftConfig):
     """Configuration of a :class:`BLoRAModel`.
 
     BLoRA average-pools the adapter input by ``balance_factor`` (λ), runs a rank ``λ·r`` adapter on the pooled
