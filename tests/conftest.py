@@ -29,5 +29,5 @@ def input_ids() -> torch.Tensor:
 def saved_tiny_llama(tmp_path_factory) -> str:
     """Directory of a saved tiny Llama (for from_pretrained with quantization configs)."""
     path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama().save_pretrained(path)
+    tiny_llama(initializer_range=0.1).save_pretrained(path)
     return str(path)

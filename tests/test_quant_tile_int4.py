@@ -273,3 +273,39 @@ def test_quantize_model_error_names_the_indivisible_module():
 def test_quantize_model_skip_indivisible_keeps_that_linear():
     model = quantize_model(_Block(d_out_odd=60), skip_indivisible=True)
     assert isinstance(model.up, TileInt4Linear) and type(model.down) is nn.Linear
+
+
+def test_forward_under_autocast_matches_autocast_linear_on_dequantized_weight():
+    _, layer = _layer()
+    x = torch.randn(3, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        expected = F.linear(x, layer.dequantize(torch.float32), layer.bias)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
+# ---------------------------------------------------------------- CUDA (skipped on CPU-only machines)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+def test_cuda_quantization_is_bit_identical_to_cpu(scale_dtype):
+    weight = _weight(d_out=1024, d_in=2048)
+    cpu = quantize_tiles(weight, (4, 8), scale_dtype)
+    cuda = quantize_tiles(weight.cuda(), (4, 8), scale_dtype)
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, cuda, strict=True))
+
+
+@needs_cuda
+@pytest.mark.parametrize("out_dtype", SCALE_DTYPES)
+@pytest.mark.parametrize(("shape", "tile"), [((72, 200), (4, 8)), ((64, 96), (3, 8)), ((1024, 2048), (8, 8))])
+def test_cuda_triton_dequantize_is_bit_identical_to_torch_reference(shape, tile, out_dtype):
+    from peft_balanced.quant.kernels import _triton_available, triton_dequantize_tiles
+
+    if not _triton_available():
+        pytest.skip("needs Triton")
+    packed, scale, zero = quantize_tiles(_weight(*shape).cuda(), tile, torch.float16)
+    expected = dequantize_tiles(packed, scale, zero, tile, out_dtype)
+    assert torch.equal(triton_dequantize_tiles(packed, scale, zero, tile, out_dtype), expected)

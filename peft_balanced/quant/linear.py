@@ -21,6 +21,16 @@ from .tile_int4 import (
 __all__ = ["TileInt4Linear", "iter_quantizable_linears", "quantize_model"]
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype for ``device_type`` if autocast is on (dequantize straight into it), else ``None``."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError):  # torch < 2.4 or a device type without autocast
+        pass
+    return None
+
+
 class TileInt4Linear(nn.Module):
     """Frozen ``y = x W~^T + b`` with ``W~ = alpha * q + beta`` on ``l1 x l2`` tiles (see ``tile_int4``).
 
@@ -127,7 +137,7 @@ class TileInt4Linear(nn.Module):
         return dequantize_tiles(self.qweight, self.scale, self.zero, self.tile, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype if x.is_floating_point() else self.compute_dtype
+        dtype = _autocast_dtype(x.device.type) or (x.dtype if x.is_floating_point() else self.compute_dtype)
         weight = self.dequantize(dtype)
         bias = self.bias.to(dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
@@ -246,20 +256,20 @@ def quantize_model(
             ``from_pretrained(path)`` reloads bit-exactly.
         tile: ``(l1, l2)`` input x output features per tile.
         skip_modules: module names kept in full precision, matched by suffix (``"lm_head"`` matches
-            ``"model.lm_head"``).
+            ``"model.lm_head"``). Linears with tied weights (transformers ``all_tied_weights_keys``) are kept too.
         scale_dtype: storage dtype of scale/zero.
         skip_indivisible: keep linears whose shape does not fit ``tile`` instead of raising.
     """
     tile = check_tile(tile)
     scale_dtype = resolve_scale_dtype(scale_dtype)
     skip_modules = [skip_modules] if isinstance(skip_modules, str) else list(skip_modules or ())
-    targets = list(iter_quantizable_linears(model, tile, skip_modules, skip_indivisible))
+    from .hf import _tied_module_names, attach_quantization_config  # local import: transformers stays optional here
+
+    skip = skip_modules + _tied_module_names(model)
+    targets = list(iter_quantizable_linears(model, tile, skip, skip_indivisible))
     if not targets and isinstance(model, nn.Linear):
         raise ValueError("quantize_model expects a model containing linears; use TileInt4Linear.from_linear")
     for name, linear in targets:
         _set_submodule(model, name, TileInt4Linear.from_linear(linear, tile, scale_dtype, name=name))
-
-    from .hf import attach_quantization_config  # local import: keeps this module free of transformers
-
     attach_quantization_config(model, tile, skip_modules, scale_dtype, skip_indivisible)
     return model

@@ -53,7 +53,9 @@ def resolve_scale_dtype(scale_dtype: torch.dtype | str) -> torch.dtype:
         key = scale_dtype.removeprefix("torch.").lower()
         if key in _SCALE_DTYPES:
             return _SCALE_DTYPES[key]
-    raise ValueError(f"scale_dtype must be float16, bfloat16 or float32 (a torch.dtype or its name), got {scale_dtype!r}")
+    raise ValueError(
+        f"scale_dtype must be float16, bfloat16 or float32 (a torch.dtype or its name), got {scale_dtype!r}"
+    )
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -68,9 +70,11 @@ def check_tile(tile: object) -> tuple[int, int]:
     except TypeError:
         items = None
     if items is None or len(items) != 2:
-        raise ValueError(f"tile must be a pair (l1, l2) of positive ints (l1 input features x l2 output features), got {tile!r}")
+        raise ValueError(
+            f"tile must be a pair (l1, l2) of positive ints (l1 input features x l2 output features), got {tile!r}"
+        )
     out = []
-    for label, value in zip(("l1 (input features)", "l2 (output features)"), items):
+    for label, value in zip(("l1 (input features)", "l2 (output features)"), items, strict=True):
         if isinstance(value, bool) or not hasattr(value, "__index__"):
             raise ValueError(f"tile {label} must be a positive int, got {value!r} in tile={tile!r}")
         value = int(value.__index__())
@@ -180,7 +184,10 @@ def quantize_tiles(
     w_max = tiles.amax(dim=(1, 3))
 
     zero = _round_toward(w_min, scale_dtype, down=True)
-    scale = _round_toward((w_max - zero.float()) / QMAX, scale_dtype, down=False)
+    # Divide by a tensor, not a Python scalar: CUDA turns `x / 15` into `x * (1/15)`, which would make codes
+    # depend on the device. Every step here is IEEE-exact elementwise math, so CPU and CUDA give identical bits.
+    qmax = torch.full_like(w_max, float(QMAX))
+    scale = _round_toward((w_max - zero.float()) / qmax, scale_dtype, down=False)
     if not (bool(torch.isfinite(zero).all()) and bool(torch.isfinite(scale).all())):
         raise ValueError(
             f"{where}: weight range overflows {dtype_name(scale_dtype)} scales/zeros (|w| up to "

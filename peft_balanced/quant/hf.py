@@ -1,0 +1,275 @@
+"""transformers integration: ``TileInt4Config`` + ``TileInt4HfQuantizer`` registered as quant method ``"tile_int4"``.
+
+* ``AutoModelForCausalLM.from_pretrained(path, quantization_config=TileInt4Config(...))`` quantizes while loading:
+  each linear is swapped for a meta ``TileInt4Linear`` before the weights are read, and each checkpoint weight is
+  quantized as it arrives (the full-precision model never exists in memory).
+* ``save_pretrained`` writes ``qweight``/``scale``/``zero`` to safetensors and ``quantization_config`` to config.json;
+  ``from_pretrained(path)`` (after ``import peft_balanced.quant``) swaps exactly the linears that have a ``qweight``
+  in the checkpoint and loads the buffers as they are: bit-exact.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .linear import TileInt4Linear, _set_submodule, iter_quantizable_linears
+from .tile_int4 import check_tile, dtype_name, quantize_tiles, resolve_scale_dtype
+
+__all__ = ["QUANT_METHOD", "TileInt4Config", "TileInt4HfQuantizer", "attach_quantization_config", "register"]
+
+QUANT_METHOD = "tile_int4"
+
+
+class TileInt4Config(QuantizationConfigMixin):
+    """Quantization config for the 2-D-tile INT4 format (``quant_method="tile_int4"``).
+
+    Args:
+        tile: ``(l1, l2)``: ``l1`` input features x ``l2`` output features share one scale and zero point.
+        skip_modules: linears kept in full precision, matched by module-name suffix.
+        scale_dtype: storage dtype of scale/zero: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
+        skip_indivisible: keep linears whose shape does not fit ``tile`` instead of raising.
+    """
+
+    def __init__(
+        self,
+        tile: tuple[int, int] | list[int] = (4, 8),
+        skip_modules: Iterable[str] | None = ("lm_head",),
+        scale_dtype: str | torch.dtype = "float16",
+        skip_indivisible: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            warnings.warn(f"TileInt4Config: ignoring unknown fields {sorted(kwargs)}", stacklevel=2)
+        self.quant_method = QUANT_METHOD
+        self.tile = check_tile(tile)
+        if isinstance(skip_modules, str):
+            skip_modules = [skip_modules]
+        self.skip_modules = list(skip_modules or [])
+        self.scale_dtype = dtype_name(resolve_scale_dtype(scale_dtype))
+        self.skip_indivisible = bool(skip_indivisible)
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return resolve_scale_dtype(self.scale_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "tile": list(self.tile),
+            "skip_modules": list(self.skip_modules),
+            "scale_dtype": self.scale_dtype,
+            "skip_indivisible": self.skip_indivisible,
+        }
+
+
+class TileInt4Quantize(ConversionOps):
+    """Load-time op: a checkpoint ``<module>.weight`` -> ``<module>.qweight``, ``.scale``, ``.zero``."""
+
+    def __init__(self, hf_quantizer: TileInt4HfQuantizer) -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(
+        self,
+        input_dict: dict[str, Any],
+        source_patterns: list[str] | None = None,
+        target_patterns: list[str] | None = None,
+        model: nn.Module | None = None,
+        missing_keys: set[str] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        out: dict[str, Any] = {}
+        for key, value in input_dict.items():
+            value = value[0] if isinstance(value, list) else value
+            module_name, _, tensor_name = key.rpartition(".")
+            module = model.get_submodule(module_name) if model is not None else None
+            if not (isinstance(module, TileInt4Linear) and tensor_name == "weight"):
+                out[key] = value
+                continue
+            packed, scale, zero = quantize_tiles(value, module.tile, module.scale.dtype, name=module_name)
+            module._parameters.pop("weight", None)  # drop the meta placeholder
+            if missing_keys is not None:
+                missing_keys.discard(key)
+            out[f"{module_name}.qweight"] = packed
+            out[f"{module_name}.scale"] = scale
+            out[f"{module_name}.zero"] = zero
+        return out
+
+
+def _checkpoint_quantized_modules(checkpoint_files: list[str] | None) -> set[str] | None:
+    """Names of the modules with a ``qweight`` in safetensors ``checkpoint_files``; ``None`` if not readable."""
+    if not checkpoint_files or not all(str(f).endswith(".safetensors") for f in checkpoint_files):
+        return None
+    from safetensors import safe_open
+
+    names = set()
+    for file in checkpoint_files:
+        with safe_open(str(file), framework="pt") as handle:
+            names.update(k.removesuffix(".qweight") for k in handle.keys() if k.endswith(".qweight"))
+    return names
+
+
+def _tied_module_names(model: nn.Module) -> list[str]:
+    """Modules whose weight is tied (e.g. ``lm_head`` to the embeddings): quantizing them would break the tie."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    keys = set(tied) | set(tied.values())
+    return sorted(k.removesuffix(".weight") for k in keys)
+
+
+def _strip_prefix_match(name: str, names: set[str], prefix: str) -> bool:
+    return name in names or (bool(prefix) and name.removeprefix(prefix + ".") in names) or f"{prefix}.{name}" in names
+
+
+class TileInt4HfQuantizer(HfQuantizer):
+    """transformers quantizer for ``TileInt4Config`` (on-the-fly quantization and pre-quantized loading)."""
+
+    requires_calibration = False
+    quantization_config: TileInt4Config
+
+    @property
+    def quantized_element_size(self) -> float:
+        l1, l2 = self.quantization_config.tile
+        bits = 4 + 2 * torch.finfo(self.quantization_config.torch_scale_dtype).bits / (l1 * l2)
+        return bits / 8
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        cfg = self.quantization_config
+        selected = None
+        if self.pre_quantized:
+            in_checkpoint = _checkpoint_quantized_modules(checkpoint_files)
+            if in_checkpoint is not None:
+                prefix = getattr(model, "base_model_prefix", "")
+                selected = [
+                    (name, module)
+                    for name, module in iter_quantizable_linears(model, cfg.tile, (), skip_indivisible=True)
+                    if _strip_prefix_match(name, in_checkpoint, prefix)
+                ]
+                if in_checkpoint and not selected:  # checkpoint keys are renamed on load: use the config's rule
+                    selected = None
+        if selected is None:
+            skip = list(cfg.skip_modules) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+            skip += _tied_module_names(model)
+            selected = list(iter_quantizable_linears(model, cfg.tile, skip, cfg.skip_indivisible))
+        for name, linear in selected:
+            module = TileInt4Linear(
+                linear.in_features,
+                linear.out_features,
+                tile=cfg.tile,
+                bias=linear.bias is not None,
+                scale_dtype=cfg.torch_scale_dtype,
+                compute_dtype=linear.weight.dtype,
+                device="meta",
+                name=name,
+            )
+            if linear.bias is not None:
+                module.bias = torch.empty_like(linear.bias, device="meta")
+            if not self.pre_quantized:  # placeholder that receives the checkpoint weight, see TileInt4Quantize
+                module.weight = nn.Parameter(torch.empty_like(linear.weight, device="meta"), requires_grad=False)
+            _set_submodule(model, name, module)
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, TileInt4Linear) and tensor_name == "weight"
+
+    def get_quantize_ops(self) -> TileInt4Quantize:
+        return TileInt4Quantize(self)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for module in model.modules():
+            if isinstance(module, TileInt4Linear):
+                module._parameters.pop("weight", None)
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, TileInt4Linear):
+                weight = module.dequantize(dtype or module.compute_dtype)
+                linear = nn.Linear(
+                    module.in_features,
+                    module.out_features,
+                    bias=module.bias is not None,
+                    device=weight.device,
+                    dtype=weight.dtype,
+                )
+                with torch.no_grad():
+                    linear.weight.copy_(weight)
+                    if module.bias is not None:
+                        linear.bias.copy_(module.bias)
+                _set_submodule(model, name, linear)
+        return model
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False
+
+
+def attach_quantization_config(
+    model: nn.Module,
+    tile: tuple[int, int],
+    skip_modules: Iterable[str],
+    scale_dtype: torch.dtype,
+    skip_indivisible: bool,
+) -> None:
+    """Make a transformers model quantized by ``quantize_model`` look as if loaded with ``TileInt4Config``."""
+    from transformers import PreTrainedModel
+    from transformers.quantizers.base import _assign_is_quantized
+
+    if not isinstance(model, PreTrainedModel):
+        return
+    existing = getattr(model, "hf_quantizer", None)
+    if existing is not None and not isinstance(existing, TileInt4HfQuantizer):
+        warnings.warn(
+            f"model already has a {type(existing).__name__}; its quantization_config is kept, so save_pretrained "
+            "will not record the tile_int4 layers",
+            stacklevel=3,
+        )
+        return
+    config = TileInt4Config(tile, list(skip_modules), dtype_name(scale_dtype), skip_indivisible)
+    model.config.quantization_config = config
+    model.hf_quantizer = TileInt4HfQuantizer(config, pre_quantized=False)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    _assign_is_quantized(model)
+
+
+def _register_into(mapping: dict, key: str, cls: type, decorator_factory) -> None:
+    existing = mapping.get(key)
+    if existing is None:
+        decorator_factory(key)(cls)
+    elif existing is cls:
+        return
+    elif getattr(existing, "__qualname__", None) == cls.__qualname__ and existing.__module__ == cls.__module__:
+        mapping[key] = cls  # this module was reloaded: point at the new class
+    else:
+        raise RuntimeError(
+            f"quantization method {key!r} is already registered by {existing.__module__}.{existing.__qualname__}"
+        )
+
+
+def register() -> None:
+    """Register ``"tile_int4"`` with transformers' quantizer registry. Idempotent (safe under ``importlib.reload``)."""
+    from transformers.quantizers import auto
+
+    _register_into(
+        auto.AUTO_QUANTIZATION_CONFIG_MAPPING, QUANT_METHOD, TileInt4Config, auto.register_quantization_config
+    )
+    _register_into(auto.AUTO_QUANTIZER_MAPPING, QUANT_METHOD, TileInt4HfQuantizer, auto.register_quantizer)
