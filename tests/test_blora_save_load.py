@@ -72,8 +72,7 @@ def test_save_then_load_in_new_process_is_bit_exact(saved_adapter):
     assert "BIT-EXACT" in result.stdout, result.stderr[-2000:]
 
 
-def test_load_without_import_fails_in_peft_with_the_type_name(saved_adapter):
-    """peft alone cannot know the type; this documents what users see (the README tells them to import)."""
+def test_load_without_import_tells_the_user_to_import_peft_balanced(saved_adapter):
     result = run_fresh_python(
         f"""
         from peft import PeftModel
@@ -81,7 +80,19 @@ def test_load_without_import_fails_in_peft_with_the_type_name(saved_adapter):
         PeftModel.from_pretrained(tiny_llama(), {str(saved_adapter)!r})
         """
     )
-    assert result.returncode != 0 and "BLORA" in result.stderr
+    assert result.returncode != 0
+    assert "KeyError" in result.stderr and "import peft_balanced" in result.stderr, result.stderr[-2000:]
+
+
+def test_startup_hook_imports_neither_torch_nor_the_plugin():
+    result = run_fresh_python(
+        """
+        import sys
+        assert "torch" not in sys.modules and "peft_balanced" not in sys.modules, sorted(sys.modules)
+        print("LIGHT")
+        """
+    )
+    assert "LIGHT" in result.stdout, result.stderr[-2000:]
 
 
 def test_auto_peft_model_loads_with_base_saved_alongside(tmp_path, saved_adapter, input_ids):
