@@ -1,0 +1,7 @@
+"""QA-BLoRA: the quantization-aware balanced adapter, merged into a 2-D-tile INT4 base without leaving 4 bits."""
+
+from .config import QABLoRAConfig
+from .layer import QABLoRALayer, QABLoRALinear, check_qablora_base
+from .model import QABLoRAModel
+
+__all__ = ["QABLoRAConfig", "QABLoRALayer", "QABLoRALinear", "QABLoRAModel", "check_qablora_base"]

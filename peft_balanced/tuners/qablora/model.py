@@ -1,0 +1,141 @@
+"""QABLoRAModel: injects QA-BLoRA layers into a tile-INT4 model (the tuner peft builds for ``PeftType.QABLORA``)."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from torch import nn
+
+from ...quant import TileInt4Linear
+from .config import QABLoRAConfig
+from .layer import QABLoRALayer, QABLoRALinear, check_qablora_base, quantize_hint
+
+
+def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _under_tuner_layer(key: str, tuner_keys: list[str]) -> bool:
+    return any(key.startswith(prefix + ".") for prefix in tuner_keys)
+
+
+def tile_linear_names(model: nn.Module) -> set[str]:
+    """Names of the modules "all-linear" means for QA-BLoRA: every ``TileInt4Linear`` (bare or already wrapped by a
+    tuner layer), except a transformers model's output layer."""
+    tuner_keys = [k for k, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    names = set()
+    for key, module in model.named_modules():
+        if _under_tuner_layer(key, tuner_keys):
+            continue
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if isinstance(base, TileInt4Linear):
+            names.add(key)
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    output = get_output_embeddings() if callable(get_output_embeddings) else None
+    if output is not None:
+        names -= {key for key, module in model.named_modules() if module is output}
+    return names
+
+
+class QABLoRAModel(BaseTuner):
+    """Quantization-aware balanced adaptation of a tile-INT4 model; built by ``peft.get_peft_model`` from a
+    :class:`QABLoRAConfig`.
+
+    Every target must be a ``TileInt4Linear`` with the config's tile (see ``peft_balanced.quant``); anything else
+    is rejected before the model is changed. ``merge_and_unload()`` shifts the zero points and returns a model whose
+    targets are still ``TileInt4Linear`` (4-bit), which ``save_pretrained`` / ``from_pretrained`` round-trip.
+    """
+
+    prefix: str = "qab_"
+    tuner_layer_cls = QABLoRALayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _prepare_model(self, peft_config: QABLoRAConfig, model: nn.Module) -> None:
+        """Resolve ``"all-linear"`` to the ``TileInt4Linear`` modules, then check every target before any change."""
+        target_modules = peft_config.target_modules
+        if isinstance(target_modules, str) and target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+            names = tile_linear_names(model)
+            if not names:
+                raise ValueError(
+                    "QA-BLoRA target_modules='all-linear' found no TileInt4Linear layer: QA-BLoRA adapts only 4-bit "
+                    f"tile-INT4 layers. First {quantize_hint(peft_config.tile)}."
+                )
+            if peft_config.layers_to_transform is not None:
+                # peft skips the layer filter for exact names (LoRA's "all-linear" ignores layers_to_transform);
+                # apply it here by matching every name through its last component.
+                probe = copy.copy(peft_config)
+                kept = set()
+                for name in names:
+                    probe.target_modules = {name.rpartition(".")[2]}
+                    if check_target_module_exists(probe, name):
+                        kept.add(name)
+                names = kept
+            peft_config.target_modules = names
+        tuner_keys = [k for k, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        for key, module in model.named_modules():
+            if (
+                not key
+                or _under_tuner_layer(key, tuner_keys)
+                or not self._check_target_module_exists(peft_config, key)
+            ):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            check_qablora_base(base, peft_config.tile, key)
+
+    def _create_and_replace(
+        self,
+        config: QABLoRAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, QABLoRALayer):
+            target.update_layer(adapter_name, config)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        check_qablora_base(base, config.tile, current_key)
+        new_module = QABLoRALinear(target, adapter_name, config, module_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """peft's version, except on unload: a ``TileInt4Linear`` has no ``weight`` for peft to copy back."""
+        if isinstance(new_module, BaseTunerLayer):
+            super()._replace_module(parent, child_name, new_module, child)
+        else:
+            setattr(parent, child_name, new_module)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Route ``adapter_names=[...]`` (one adapter name per sample) to every QA-BLoRA layer."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("adapter_names=... is for inference; call model.eval() first.")
+        layers = [m for m in self.modules() if isinstance(m, QABLoRALayer)]
+        if any(layer.merged for layer in layers):
+            raise ValueError("Cannot pass adapter_names while adapters are merged; call unmerge_adapter() first.")
+        known = {name for layer in layers for name in layer.qab_H}
+        unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) in adapter_names: {unknown}; available: {sorted(known)}.")
+        hook = partial(_inject_adapter_names, adapter_names=adapter_names)
+        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
