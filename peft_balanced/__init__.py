@@ -14,3 +14,13 @@ reserve_owned_types()
 register("BLORA", config_cls=BLoRAConfig, model_cls=BLoRAModel, prefix=BLoRAModel.prefix)
 
 __all__ = ["BLoRAConfig", "BLoRALayer", "BLoRALinear", "BLoRAModel", "__version__"]
+
+from .tuners.gradapprox import GradApproxConfig, GradApproxInitCallback, GradApproxModel, init_gradapprox  # noqa: E402
+
+register("GRADAPPROX", config_cls=GradApproxConfig, model_cls=GradApproxModel, prefix=GradApproxModel.prefix)
+__all__ += ["GradApproxConfig", "GradApproxInitCallback", "GradApproxModel", "init_gradapprox"]
+
+from .tuners.qablora import QABLoRAConfig, QABLoRAModel  # noqa: E402
+
+register("QABLORA", config_cls=QABLoRAConfig, model_cls=QABLoRAModel, prefix=QABLoRAModel.prefix)
+__all__ += ["QABLoRAConfig", "QABLoRAModel"]

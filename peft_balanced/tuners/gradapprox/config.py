@@ -1,0 +1,139 @@
+"""Configuration of GradApprox: LoRA-shaped adapters initialised from a streamed sketch of the full gradient."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from ...checkpoint import CheckedCheckpointMixin
+from ...ops import check_factor
+from ...registry import extend_peft_type
+
+INIT_MODES = ("gradient", "lora")
+DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
+INIT_SCALES = ("stable", "gd", "unit")
+
+
+@dataclass
+class GradApproxConfig(CheckedCheckpointMixin, PeftConfig):
+    """Configuration of a :class:`GradApproxModel`.
+
+    Every targeted linear layer gets ``A: (r, D_in)``, ``B: (D_out, r)`` and frozen persistent copies ``A0``, ``B0``
+    of their initial values: ``y = base(x) + s · (B A − B0 A0) dropout(x)`` with ``s = lora_alpha / r``. The model is
+    therefore unchanged at initialization whatever ``A0`` and ``B0`` are, without touching the (possibly 4-bit) base
+    weights, and an adapter checkpoint is self-contained.
+
+    With ``init="gradient"``, :func:`peft_balanced.init_gradapprox` (or :class:`GradApproxInitCallback` inside a
+    ``Trainer``) streams ``estimation_batches`` batches, sketches each module's full-weight gradient
+    ``G: (D_out, D_in)`` and sets ``A``, ``B`` from its top ``2r`` singular vectors as LoRA-GA does, so that the first
+    update of ``s·B A`` follows the rank-``2r`` part of full fine-tuning's first update.
+
+    Args:
+        r: Adapter rank. Gradient initialization needs ``2 * r <= min(D_in, D_out)`` for every targeted layer.
+        lora_alpha: Scaling numerator, ``s = lora_alpha / r``.
+        lora_dropout: Dropout probability applied to the adapter input.
+        target_modules: Module names (list: exact or suffix match; str: regex) or ``"all-linear"``.
+        exclude_modules: Module names (same syntax) never to adapt.
+        layers_to_transform / layers_pattern: Restrict adaptation to some layer indices.
+        bias: ``"none"`` or ``"all"`` (train every bias of the model).
+        modules_to_save: Extra modules trained fully and stored in the checkpoint.
+        trainable_token_indices: Token indices whose embeddings are trained (peft's TrainableTokens).
+        init: ``"gradient"`` (LoRA-GA from the sketched gradient; until it runs the adapter is LoRA-initialised) or
+            ``"lora"`` (Kaiming-uniform ``A``, zero ``B``).
+        init_weights: ``True``: zero ``B`` at creation (LoRA); ``False``: random ``B`` (for tests).
+        estimation_batches: Default number of batches the gradient sketch streams over.
+        oversampling: Extra sketch columns: the range sketch has ``k = 2r + oversampling`` columns and the co-range
+            sketch ``2k + 1`` rows (both capped by the layer's dimensions; at the cap the result is exact).
+        sketch_passes: Passes over the (cached) estimation batches. Each pass after the first re-sketches ``G``
+            against the subspaces found by the previous one (a power-iteration step), which sharpens the subspace
+            when ``G``'s spectrum decays slowly; cost: one forward+backward per batch and pass.
+        direction: Which singular vectors go where (LoRA-GA's names): ``"ArB2r"`` (A: 1..r, B: r+1..2r),
+            ``"A2rBr"`` (A: r+1..2r, B: 1..r), ``"ArBr"`` (interleaved).
+        init_scale: ``"stable"``: ``A`` and ``B`` times ``D_out^(1/4) / sqrt(stable_gamma)``; ``"gd"``: divided by
+            ``s`` (the first step then equals full fine-tuning's rank-2r step under SGD); ``"unit"``: orthonormal.
+        stable_gamma: γ of the ``"stable"`` scale.
+        sketch_seed: Seed of the random test matrices (identical on every process, so DDP ranks agree).
+        approximator_depth: Depth of the learned gradient approximator (part 2 of GradApprox); only ``0`` (off) is
+            implemented.
+    """
+
+    r: int = field(default=8, metadata={"help": "Adapter rank."})
+    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: s = lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or a regex to adapt, or 'all-linear'."}
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or a regex never to adapt."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Layer indices to adapt (needs a standard layer pattern)."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer list, e.g. 'layers' or 'h'."}
+    )
+    bias: Literal["none", "all"] = field(default="none", metadata={"help": "'none' or 'all'."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules besides the adapters to train and save."}
+    )
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None, metadata={"help": "Token indices whose embeddings are trained (peft TrainableTokens)."}
+    )
+    init: Literal["gradient", "lora"] = field(
+        default="gradient", metadata={"help": "'gradient' (LoRA-GA from the sketched gradient) or 'lora'."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: B = 0 at creation. False: random B (for tests)."}
+    )
+    estimation_batches: int = field(default=8, metadata={"help": "Batches streamed by the gradient sketch."})
+    oversampling: int = field(default=16, metadata={"help": "Sketch columns beyond 2r."})
+    sketch_passes: int = field(
+        default=2, metadata={"help": "Passes over the estimation batches (each one is a power-iteration step)."}
+    )
+    direction: Literal["ArB2r", "A2rBr", "ArBr"] = field(
+        default="ArB2r", metadata={"help": "Which singular vectors initialise A and B (LoRA-GA)."}
+    )
+    init_scale: Literal["stable", "gd", "unit"] = field(
+        default="stable", metadata={"help": "Scale of the initial A and B (LoRA-GA)."}
+    )
+    stable_gamma: float = field(default=16.0, metadata={"help": "γ of the 'stable' scale."})
+    sketch_seed: int = field(default=0, metadata={"help": "Seed of the sketch's random test matrices."})
+    approximator_depth: int = field(
+        default=0, metadata={"help": "Depth of the learned gradient approximator; 0 = off (only 0 is implemented)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = extend_peft_type("GRADAPPROX")
+        check_factor("GradApproxConfig.r", self.r)
+        check_factor("GradApproxConfig.estimation_batches", self.estimation_batches)
+        check_factor("GradApproxConfig.sketch_passes", self.sketch_passes)
+        if isinstance(self.oversampling, bool) or not isinstance(self.oversampling, int) or self.oversampling < 0:
+            raise ValueError(f"GradApproxConfig.oversampling must be an integer >= 0, got {self.oversampling!r}.")
+        for name in ("lora_alpha", "stable_gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"GradApproxConfig.{name} must be a number, got {value!r}.")
+        if self.stable_gamma <= 0:
+            raise ValueError(f"GradApproxConfig.stable_gamma must be > 0, got {self.stable_gamma!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"GradApproxConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        for name, valid in (("bias", ("none", "all")), ("init", INIT_MODES), ("direction", DIRECTIONS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"GradApproxConfig.{name} must be one of {valid}, got {getattr(self, name)!r}.")
+        if self.init_scale not in INIT_SCALES:
+            raise ValueError(f"GradApproxConfig.init_scale must be one of {INIT_SCALES}, got {self.init_scale!r}.")
+        if self.approximator_depth != 0:
+            raise ValueError(
+                f"GradApproxConfig.approximator_depth={self.approximator_depth!r}: the learned gradient approximator "
+                "(depth 1..5) is not implemented yet; only approximator_depth=0 (gradient-subspace initialization) "
+                "is available."
+            )
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("GradApproxConfig.layers_pattern is only used together with layers_to_transform.")

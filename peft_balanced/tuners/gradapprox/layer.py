@@ -1,0 +1,254 @@
+"""GradApprox layers: ``y = base(x) + s·(B A − B0 A0) x`` on nn.Linear, bitsandbytes 4/8-bit and TileInt4Linear bases."""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import quantization_extra_repr, resolve_quantization_backend
+from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
+from torch import nn
+
+from ..common import check_adapter_shapes_on_load, guard_bnb_cpu_repack, undo_bnb_cpu_repack
+from .config import GradApproxConfig
+
+TILE_INT4_BACKEND = "tile int4"
+
+
+def is_tile_int4(module: nn.Module) -> bool:
+    """``True`` for a :class:`peft_balanced.quant.TileInt4Linear` (without importing the quant package)."""
+    quant_linear = sys.modules.get("peft_balanced.quant.linear")
+    return quant_linear is not None and isinstance(module, quant_linear.TileInt4Linear)
+
+
+class GradientProbe:
+    """Zero-valued rank-``k`` / rank-``l`` terms whose gradients are sketches of the base weight's gradient.
+
+    With ``G = Σ_t δ_t x_tᵀ: (D_out, D_in)`` the gradient of the base weight (``x``: module input, ``δ``: gradient at
+    the module output), the term ``range_b · (omega_t · x)`` with ``range_b = 0`` has
+    ``∂L/∂range_b = G · omega_tᵀ: (D_out, k)``, and ``psi · (corange_a · x)`` with ``corange_a = 0`` has
+    ``∂L/∂corange_a = psiᵀ · G: (l, D_in)``. Both terms are exactly zero, so outputs do not change, and autograd
+    computes the sketches (also under gradient checkpointing) without ever forming ``G``.
+    """
+
+    def __init__(self, omega_t: torch.Tensor, psi: torch.Tensor, dtype: torch.dtype) -> None:
+        self.omega_t = omega_t.to(dtype)  # (k, D_in)
+        self.psi = psi.to(dtype)  # (D_out, l)
+        self.range_b = torch.zeros(psi.shape[0], omega_t.shape[0], dtype=dtype, device=psi.device, requires_grad=True)
+        self.corange_a = torch.zeros(
+            psi.shape[1], omega_t.shape[1], dtype=dtype, device=psi.device, requires_grad=True
+        )
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """The zero-valued probe output: ``(..., D_in) -> (..., D_out)``."""
+        x = x.to(self.omega_t.dtype)
+        return F.linear(F.linear(x, self.omega_t), self.range_b) + F.linear(F.linear(x, self.corange_a), self.psi)
+
+
+class GradApproxLayer(BaseTunerLayer):
+    """State of GradApprox layers: per adapter ``gax_A: (r, D_in)``, ``gax_B: (D_out, r)`` and frozen persistent
+    buffers ``gax_A0``, ``gax_B0`` with the same shapes (their values at initialization)."""
+
+    adapter_layer_names: tuple[str, ...] = ("gax_A", "gax_B")
+    other_param_names: tuple[str, ...] = ("gax_A0", "gax_B0", "r", "lora_alpha", "scaling", "gax_dropout")
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.module_name = module_name
+        base = self.get_base_layer()
+        if is_tile_int4(base):
+            self.quantization_backend = ForwardOnlyQuantizationBackend(TILE_INT4_BACKEND)
+            in_features, out_features = base.in_features, base.out_features
+        else:
+            self.quantization_backend = resolve_quantization_backend(
+                base, get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
+            )
+            in_features, out_features = _get_in_out_features(base)
+        if in_features is None:
+            raise TypeError(f"GradApprox cannot adapt {module_name or 'this module'} of type {type(base).__name__}.")
+        self.in_features, self.out_features = in_features, out_features
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.gax_dropout = nn.ModuleDict({})
+        self.gax_A = nn.ModuleDict({})
+        self.gax_B = nn.ModuleDict({})
+        self.gax_A0 = BufferDict({}, persistent=True)
+        self.gax_B0 = BufferDict({}, persistent=True)
+        self.probe: GradientProbe | None = None
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        guard_bnb_cpu_repack(base)
+
+    def update_layer(self, adapter_name: str, config: GradApproxConfig, inference_mode: bool = False) -> None:
+        """Create (or replace) the adapter ``adapter_name`` on this layer."""
+        r = config.r
+        if config.init == "gradient" and 2 * r > min(self.in_features, self.out_features):
+            raise ValueError(
+                f"GradApprox cannot adapt module {self.module_name!r} with r={r} and init='gradient': the "
+                f"initialization uses 2*r={2 * r} singular vectors but the layer has in_features={self.in_features}, "
+                f"out_features={self.out_features}. Use r <= {min(self.in_features, self.out_features) // 2}, "
+                "exclude the module, or init='lora'."
+            )
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.lora_alpha / r
+        self.gax_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.gax_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.gax_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.gax_A0[adapter_name] = torch.zeros(r, self.in_features)
+        self.gax_B0[adapter_name] = torch.zeros(self.out_features, r)
+        self.reset_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        """LoRA's initialization with ``A0 = A``, ``B0 = B`` (no change), or a random non-zero update (tests).
+
+        ``init_weights=True``: Kaiming-uniform ``A``, zero ``B``. ``False``: random ``A`` and ``B`` with
+        ``A0 = B0 = 0``, so that the adapter changes the model (for tests of merging and checkpoints).
+        """
+        a, b = self.gax_A[adapter_name].weight, self.gax_B[adapter_name].weight
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(b)
+            self.set_initial_weights(adapter_name, a, b)
+        else:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            self.gax_A0[adapter_name].zero_()
+            self.gax_B0[adapter_name].zero_()
+
+    @torch.no_grad()
+    def set_initial_weights(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Set ``A = A0 = a: (r, D_in)`` and ``B = B0 = b: (D_out, r)`` in place (the optimizer keeps its params).
+
+        The buffers receive the parameters' values after rounding to the parameters' dtype, so ``B A − B0 A0`` is
+        exactly zero and the model's output does not change.
+        """
+        param_a, param_b = self.gax_A[adapter_name].weight, self.gax_B[adapter_name].weight
+        for param, value, buffer in ((param_a, a, self.gax_A0), (param_b, b, self.gax_B0)):
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"{self.module_name}: expected shape {tuple(param.shape)}, got {tuple(value.shape)}.")
+            param.copy_(value.to(param.dtype))
+            buffer[adapter_name] = param.detach().to(buffer[adapter_name].dtype).clone()
+
+    def is_at_initial_weights(self, adapter_name: str) -> bool:
+        """``True`` if ``A == A0`` and ``B == B0`` (the adapter adds nothing yet)."""
+        a, b = self.gax_A[adapter_name].weight, self.gax_B[adapter_name].weight
+        return bool(
+            torch.equal(a, self.gax_A0[adapter_name].to(a.dtype))
+            and torch.equal(b, self.gax_B0[adapter_name].to(b.dtype))
+        )
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s · (B A − B0 A0) dropout(x)``: ``(..., D_in) -> (..., D_out)`` in the adapter's dtype.
+
+        The two products are computed separately with the same kernels, so at initialization they cancel exactly.
+        """
+        a, b = self.gax_A[adapter_name].weight, self.gax_B[adapter_name].weight
+        x = self.gax_dropout[adapter_name](self._cast_input_dtype(x, a.dtype))
+        a0, b0 = self.gax_A0[adapter_name].to(a.dtype), self.gax_B0[adapter_name].to(b.dtype)
+        delta = F.linear(F.linear(x, a), b) - F.linear(F.linear(x, a0), b0)
+        return delta * self.scaling[adapter_name]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Full update ``ΔW = s · (B A − B0 A0)`` of shape ``(D_out, D_in)``, in float32."""
+        a, b = self.gax_A[adapter_name].weight.detach().float(), self.gax_B[adapter_name].weight.detach().float()
+        a0, b0 = self.gax_A0[adapter_name].float(), self.gax_B0[adapter_name].float()
+        return (b @ a - b0 @ a0) * self.scaling[adapter_name]
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active (or the given) adapters' ``ΔW`` to the base weight (re-quantized on a bnb base)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.gax_A:
+                continue
+            self._add_to_base_weight(name, sign=1.0, check_finite=safe_merge)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's ``ΔW`` again, newest first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.gax_A:
+                self._add_to_base_weight(name, sign=-1.0, check_finite=False)
+
+    def _add_to_base_weight(self, adapter_name: str, sign: float, check_finite: bool) -> None:
+        backend = self.quantization_backend
+        if backend is not None and not backend.supports_merge:
+            hint = " Use merge_and_unload(dequantize=True)." if backend.backend_name == TILE_INT4_BACKEND else ""
+            raise TypeError(
+                f"Cannot merge GradApprox into module {self.module_name!r}: {backend.backend_name} layers cannot be "
+                f"updated in place.{hint}"
+            )
+        undo_bnb_cpu_repack(self.get_base_layer())
+        weight = self.get_base_weight()
+        merged = weight.float() + sign * self.get_delta_weight(adapter_name).to(weight.device)
+        if check_finite and not torch.isfinite(merged).all():
+            raise ValueError(
+                f"NaNs or infs in the merged weight of module {self.module_name!r}; adapter {adapter_name!r} is broken."
+            )
+        self.set_base_weight(merged.to(weight.dtype))
+
+
+class GradApproxLinear(nn.Module, GradApproxLayer):
+    """A linear layer (dense or quantized) with GradApprox adapters: ``y = base(x) + Σ_active s·(B A − B0 A0) x``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: GradApproxConfig, **kwargs: Any) -> None:
+        super().__init__()
+        GradApproxLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+        self.register_load_state_dict_pre_hook(check_adapter_shapes_on_load)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            result = self.base_layer(x, *args, **kwargs)
+        elif self.merged:
+            result = self.base_layer(x, *args, **kwargs)
+        elif adapter_names is not None:
+            result = self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+            if self.quantization_backend is not None:
+                result = self.quantization_backend.maybe_clone_base_result(result)
+            for name in self.active_adapters:
+                if name in self.gax_A:
+                    result = result + self.adapter_output(name, x).to(result.dtype)
+        if self.probe is not None:
+            result = result + self.probe.output(x).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Each sample ``i`` of the batch uses adapter ``adapter_names[i]`` (``"__base__"``: none)."""
+        if len(adapter_names) != len(x):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {len(x)} inputs.")
+        result = self.base_layer(x, *args, **kwargs).clone()
+        for name in set(adapter_names):
+            if name == "__base__" or name not in self.gax_A:
+                continue
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            result[rows] += self.adapter_output(name, x[rows]).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "gradapprox." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        return quantization_extra_repr(self)
