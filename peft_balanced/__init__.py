@@ -1,26 +1,40 @@
 """peft-balanced: balanced low-rank adapters as PEFT plugins.
 
-``import peft_balanced`` registers the PEFT types ``BLORA`` (and reserves ``QABLORA`` / ``GRADAPPROX``) with peft,
-so that ``get_peft_model``, ``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM`` and TRL's ``SFTTrainer``
-treat them like LoRA. Importing twice, or reloading, is harmless.
+``import peft_balanced`` registers the PEFT types ``BLORA`` (BLoRA / Q-BLoRA), ``QABLORA`` (QA-BLoRA on the
+2-D-tile INT4 format) and ``GRADAPPROX`` (gradient-subspace initialization) with peft, so that ``get_peft_model``,
+``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM`` and TRL's ``SFTTrainer`` treat them like LoRA, and the
+``"tile_int4"`` quantization method with transformers. Importing twice, or reloading, is harmless.
 """
 
+from .models import load_default_model
+from .quant import TileInt4Config, TileInt4Linear, quantize_model
 from .registry import register, reserve_owned_types
 from .tuners.blora import BLoRAConfig, BLoRALayer, BLoRALinear, BLoRAModel
+from .tuners.gradapprox import GradApproxConfig, GradApproxInitCallback, GradApproxModel, init_gradapprox
+from .tuners.qablora import QABLoRAConfig, QABLoRAModel
 
 __version__ = "0.1.0"
 
 reserve_owned_types()
 register("BLORA", config_cls=BLoRAConfig, model_cls=BLoRAModel, prefix=BLoRAModel.prefix)
-
-__all__ = ["BLoRAConfig", "BLoRALayer", "BLoRALinear", "BLoRAModel", "__version__"]
-
-from .tuners.gradapprox import GradApproxConfig, GradApproxInitCallback, GradApproxModel, init_gradapprox  # noqa: E402
-
-register("GRADAPPROX", config_cls=GradApproxConfig, model_cls=GradApproxModel, prefix=GradApproxModel.prefix)
-__all__ += ["GradApproxConfig", "GradApproxInitCallback", "GradApproxModel", "init_gradapprox"]
-
-from .tuners.qablora import QABLoRAConfig, QABLoRAModel  # noqa: E402
-
 register("QABLORA", config_cls=QABLoRAConfig, model_cls=QABLoRAModel, prefix=QABLoRAModel.prefix)
-__all__ += ["QABLoRAConfig", "QABLoRAModel"]
+register("GRADAPPROX", config_cls=GradApproxConfig, model_cls=GradApproxModel, prefix=GradApproxModel.prefix)
+
+
+__all__ = [
+    "BLoRAConfig",
+    "BLoRALayer",
+    "BLoRALinear",
+    "BLoRAModel",
+    "GradApproxConfig",
+    "GradApproxInitCallback",
+    "GradApproxModel",
+    "QABLoRAConfig",
+    "QABLoRAModel",
+    "TileInt4Config",
+    "TileInt4Linear",
+    "__version__",
+    "init_gradapprox",
+    "load_default_model",
+    "quantize_model",
+]
