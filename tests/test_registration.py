@@ -109,3 +109,9 @@ def test_target_modules_matching_nothing_are_reported():
 def test_non_linear_target_is_rejected_with_its_name():
     with pytest.raises(TypeError, match="embed_tokens.*Embedding"):
         get_peft_model(tiny_llama(), BLoRAConfig(r=2, target_modules=["embed_tokens"]))
+
+
+def test_startup_hook_knows_every_owned_type():
+    from peft_balanced import _startup
+
+    assert set(_startup._OWNED) == set(OWNED_PEFT_TYPES)
