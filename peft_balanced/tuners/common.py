@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -42,6 +46,9 @@ def dequantized_linear(module: nn.Module, dtype: torch.dtype | None = None) -> n
 
     ``dtype=None`` keeps the dtype the weight had before quantization. Non-quantized modules are returned as is.
     """
+    if is_tile_int4(module):
+        weight = module.dequantize(dtype or module.compute_dtype)
+        return _linear_with(weight, module.bias)
     backend = resolve_quantization_backend(module)
     if backend is None:
         return module
@@ -49,11 +56,15 @@ def dequantized_linear(module: nn.Module, dtype: torch.dtype | None = None) -> n
         raise TypeError(f"{backend.backend_name} layers cannot be dequantized.")
     undo_bnb_cpu_repack(module)
     weight = backend.get_base_weight(module)
-    dtype = dtype or weight.dtype
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
-    if module.bias is not None:
-        linear.bias = nn.Parameter(module.bias.detach().to(dtype).clone(), requires_grad=False)
+    return _linear_with(weight.to(dtype or weight.dtype), module.bias)
+
+
+def _linear_with(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A frozen ``nn.Linear`` holding ``weight: (D_out, D_in)`` and ``bias`` (cast to the weight's dtype)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
     return linear
 
 
@@ -66,7 +77,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, skip: I
     for name, module in list(model.named_modules()):
         if id(module) in skip_ids or isinstance(module, BaseTunerLayer) or not name:
             continue
-        if resolve_quantization_backend(module) is None:
+        if resolve_quantization_backend(module) is None and not is_tile_int4(module):
             continue
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -107,3 +118,76 @@ def check_adapter_shapes_on_load(
                 "made for a base model with other layer sizes (or another r / balance_factor / tile); load it onto "
                 "the base model it was trained on."
             )
+
+
+def is_tile_int4(module: nn.Module) -> bool:
+    """``True`` for a :class:`peft_balanced.quant.TileInt4Linear` (without importing the quant package)."""
+    quant_linear = sys.modules.get("peft_balanced.quant.linear")
+    return quant_linear is not None and isinstance(module, quant_linear.TileInt4Linear)
+
+
+def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+class AdapterNamesRoutingMixin:
+    """``BaseTuner`` mixin: ``model(..., adapter_names=[...])`` runs sample ``i`` with adapter ``adapter_names[i]``.
+
+    The tuner's layers receive the list through a forward pre-hook and implement ``_mixed_batch_forward``; the
+    adapter names a layer holds are the keys of its first ``adapter_layer_names`` entry.
+    """
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("adapter_names=... is for inference; call model.eval() first.")
+        layers = [m for m in self.modules() if isinstance(m, self.tuner_layer_cls)]
+        if any(layer.merged for layer in layers):
+            raise ValueError("Cannot pass adapter_names while adapters are merged; call unmerge_adapter() first.")
+        known = {name for layer in layers for name in getattr(layer, layer.adapter_layer_names[0])}
+        unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) in adapter_names: {unknown}; available: {sorted(known)}.")
+        hook = partial(_inject_adapter_names, adapter_names=adapter_names)
+        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+class DequantizingMergeMixin:
+    """``BaseTuner`` mixin: ``merge_and_unload(dequantize=True)`` merges into dequantized 16/32-bit weights."""
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        dequantize: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain base model.
+
+        Args:
+            dequantize: On a quantized base (bitsandbytes 4/8-bit, TileInt4), first replace every quantized linear
+                by a ``nn.Linear`` holding its dequantized weight, then merge: the result is a 16/32-bit model whose
+                outputs equal the adapted model's (no re-quantization error). With ``False`` a bitsandbytes base is
+                re-quantized after merging, as peft's LoRA does.
+            dtype: dtype of the dequantized weights (default: the dtype they had before quantization).
+        """
+        if dequantize:
+            for module in self.model.modules():
+                if isinstance(module, self.tuner_layer_cls) and module.quantization_backend is not None:
+                    module.base_layer = dequantized_linear(module.get_base_layer(), dtype)
+                    module.quantization_backend = None
+        model = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        if dequantize:
+            dequantize_model(model, dtype)
+        return model

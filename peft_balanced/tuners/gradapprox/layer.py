@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from typing import Any
 
@@ -15,16 +14,10 @@ from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
 from torch import nn
 
-from ..common import check_adapter_shapes_on_load, guard_bnb_cpu_repack, undo_bnb_cpu_repack
+from ..common import check_adapter_shapes_on_load, guard_bnb_cpu_repack, is_tile_int4, undo_bnb_cpu_repack
 from .config import GradApproxConfig
 
 TILE_INT4_BACKEND = "tile int4"
-
-
-def is_tile_int4(module: nn.Module) -> bool:
-    """``True`` for a :class:`peft_balanced.quant.TileInt4Linear` (without importing the quant package)."""
-    quant_linear = sys.modules.get("peft_balanced.quant.linear")
-    return quant_linear is not None and isinstance(module, quant_linear.TileInt4Linear)
 
 
 class GradientProbe:

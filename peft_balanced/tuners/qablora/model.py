@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
@@ -13,13 +11,9 @@ from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
 from ...quant import TileInt4Linear
+from ..common import AdapterNamesRoutingMixin
 from .config import QABLoRAConfig
 from .layer import QABLoRALayer, QABLoRALinear, check_qablora_base, quantize_hint
-
-
-def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
-    kwargs["adapter_names"] = adapter_names
-    return args, kwargs
 
 
 def _under_tuner_layer(key: str, tuner_keys: list[str]) -> bool:
@@ -44,7 +38,7 @@ def tile_linear_names(model: nn.Module) -> set[str]:
     return names
 
 
-class QABLoRAModel(BaseTuner):
+class QABLoRAModel(AdapterNamesRoutingMixin, BaseTuner):
     """Quantization-aware balanced adaptation of a tile-INT4 model; built by ``peft.get_peft_model`` from a
     :class:`QABLoRAConfig`.
 
@@ -115,27 +109,3 @@ class QABLoRAModel(BaseTuner):
             super()._replace_module(parent, child_name, new_module, child)
         else:
             setattr(parent, child_name, new_module)
-
-    @contextmanager
-    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        """Route ``adapter_names=[...]`` (one adapter name per sample) to every QA-BLoRA layer."""
-        adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is None:
-            yield
-            return
-        if self.training:
-            raise ValueError("adapter_names=... is for inference; call model.eval() first.")
-        layers = [m for m in self.modules() if isinstance(m, QABLoRALayer)]
-        if any(layer.merged for layer in layers):
-            raise ValueError("Cannot pass adapter_names while adapters are merged; call unmerge_adapter() first.")
-        known = {name for layer in layers for name in layer.qab_H}
-        unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
-        if unknown:
-            raise ValueError(f"Unknown adapter(s) in adapter_names: {unknown}; available: {sorted(known)}.")
-        hook = partial(_inject_adapter_names, adapter_names=adapter_names)
-        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
