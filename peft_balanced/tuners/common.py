@@ -191,3 +191,46 @@ class DequantizingMergeMixin:
         if dequantize:
             dequantize_model(model, dtype)
         return model
+
+
+class AdditiveAdapterForward:
+    """Forward of a tuner layer whose adapters add ``adapter_output(name, x)`` to the base layer's output.
+
+    Put it before ``nn.Module`` in the bases. Handles disabled and merged adapters and mixed batches
+    (``adapter_names[i]`` for sample ``i``; ``"__base__"``: no adapter).
+    """
+
+    def _holds_adapter(self, name: str) -> bool:
+        return name in getattr(self, self.adapter_layer_names[0])
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        backend = getattr(self, "quantization_backend", None)
+        if backend is not None:
+            result = backend.maybe_clone_base_result(result)
+        for name in self.active_adapters:
+            if self._holds_adapter(name):
+                result = result + self.adapter_output(name, x).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        if len(adapter_names) != len(x):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {len(x)} inputs.")
+        result = self.base_layer(x, *args, **kwargs).clone()
+        for name in set(adapter_names):
+            if name == "__base__" or not self._holds_adapter(name):
+                continue
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            result[rows] += self.adapter_output(name, x[rows]).to(result.dtype)
+        return result

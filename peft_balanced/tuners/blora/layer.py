@@ -12,7 +12,7 @@ from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
 
 from ...ops import expand, expand_blocks, pool
-from ..common import check_adapter_shapes_on_load, guard_bnb_cpu_repack, undo_bnb_cpu_repack
+from ..common import AdditiveAdapterForward, check_adapter_shapes_on_load, guard_bnb_cpu_repack, undo_bnb_cpu_repack
 from .config import BLoRAConfig
 
 
@@ -130,7 +130,7 @@ class BLoRALayer(BaseTunerLayer):
         self.set_base_weight(merged.to(orig_dtype))
 
 
-class BLoRALinear(nn.Module, BLoRALayer):
+class BLoRALinear(AdditiveAdapterForward, nn.Module, BLoRALayer):
     """A linear layer (dense or quantized) with BLoRA adapters: ``y = base(x) + Σ_active s·expand(B A pool(x))``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: BLoRAConfig, **kwargs: Any) -> None:
@@ -139,40 +139,6 @@ class BLoRALinear(nn.Module, BLoRALayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
         self.register_load_state_dict_pre_hook(check_adapter_shapes_on_load)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
-        for name in self.active_adapters:
-            if name in self.bal_A:
-                result = result + self.adapter_output(name, x).to(result.dtype)
-        return result
-
-    def _mixed_batch_forward(
-        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
-    ) -> torch.Tensor:
-        """Each sample ``i`` of the batch uses adapter ``adapter_names[i]`` (``"__base__"``: none)."""
-        if len(adapter_names) != len(x):
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {len(x)} inputs.")
-        if self.merged:
-            raise ValueError("Cannot pass adapter_names while adapters are merged; call unmerge_adapter() first.")
-        result = self.base_layer(x, *args, **kwargs).clone()
-        for name in set(adapter_names):
-            if name == "__base__" or name not in self.bal_A:
-                continue
-            rows = [i for i, n in enumerate(adapter_names) if n == name]
-            result[rows] += self.adapter_output(name, x[rows]).to(result.dtype)
-        return result
 
     def __repr__(self) -> str:
         return "blora." + super().__repr__()

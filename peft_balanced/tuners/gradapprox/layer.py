@@ -14,7 +14,13 @@ from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
 from torch import nn
 
-from ..common import check_adapter_shapes_on_load, guard_bnb_cpu_repack, is_tile_int4, undo_bnb_cpu_repack
+from ..common import (
+    AdditiveAdapterForward,
+    check_adapter_shapes_on_load,
+    guard_bnb_cpu_repack,
+    is_tile_int4,
+    undo_bnb_cpu_repack,
+)
 from .config import GradApproxConfig
 
 TILE_INT4_BACKEND = "tile int4"
@@ -195,7 +201,7 @@ class GradApproxLayer(BaseTunerLayer):
         self.set_base_weight(merged.to(weight.dtype))
 
 
-class GradApproxLinear(nn.Module, GradApproxLayer):
+class GradApproxLinear(AdditiveAdapterForward, nn.Module, GradApproxLayer):
     """A linear layer (dense or quantized) with GradApprox adapters: ``y = base(x) + Σ_active s·(B A − B0 A0) x``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: GradApproxConfig, **kwargs: Any) -> None:
@@ -206,38 +212,9 @@ class GradApproxLinear(nn.Module, GradApproxLayer):
         self.register_load_state_dict_pre_hook(check_adapter_shapes_on_load)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            result = self.base_layer(x, *args, **kwargs)
-        elif self.merged:
-            result = self.base_layer(x, *args, **kwargs)
-        elif adapter_names is not None:
-            result = self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        else:
-            result = self.base_layer(x, *args, **kwargs)
-            if self.quantization_backend is not None:
-                result = self.quantization_backend.maybe_clone_base_result(result)
-            for name in self.active_adapters:
-                if name in self.gax_A:
-                    result = result + self.adapter_output(name, x).to(result.dtype)
-        if self.probe is not None:
+        result = super().forward(x, *args, **kwargs)
+        if self.probe is not None:  # zero-valued gradient sketch, present only during init_gradapprox
             result = result + self.probe.output(x).to(result.dtype)
-        return result
-
-    def _mixed_batch_forward(
-        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
-    ) -> torch.Tensor:
-        """Each sample ``i`` of the batch uses adapter ``adapter_names[i]`` (``"__base__"``: none)."""
-        if len(adapter_names) != len(x):
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {len(x)} inputs.")
-        result = self.base_layer(x, *args, **kwargs).clone()
-        for name in set(adapter_names):
-            if name == "__base__" or name not in self.gax_A:
-                continue
-            rows = [i for i, n in enumerate(adapter_names) if n == name]
-            result[rows] += self.adapter_output(name, x[rows]).to(result.dtype)
         return result
 
     def __repr__(self) -> str:

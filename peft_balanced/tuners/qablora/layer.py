@@ -13,7 +13,7 @@ from torch import nn
 
 from ...ops import expand, expand_blocks, pool
 from ...quant import TileInt4Linear
-from ..common import check_adapter_shapes_on_load
+from ..common import AdditiveAdapterForward, check_adapter_shapes_on_load
 from .config import QABLoRAConfig
 
 
@@ -151,7 +151,7 @@ class QABLoRALayer(BaseTunerLayer):
         self.merged_adapters.clear()
 
 
-class QABLoRALinear(nn.Module, QABLoRALayer):
+class QABLoRALinear(AdditiveAdapterForward, nn.Module, QABLoRALayer):
     """A ``TileInt4Linear`` with QA-BLoRA adapters: ``y = base(x) + Σ_active s·expand_λ2(H pool_λ1(x))``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: QABLoRAConfig, **kwargs: Any) -> None:
@@ -160,36 +160,6 @@ class QABLoRALinear(nn.Module, QABLoRALayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
         self.register_load_state_dict_pre_hook(check_adapter_shapes_on_load)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name in self.qab_H:
-                result = result + self.adapter_output(name, x).to(result.dtype)
-        return result
-
-    def _mixed_batch_forward(
-        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
-    ) -> torch.Tensor:
-        """Each sample ``i`` of the batch uses adapter ``adapter_names[i]`` (``"__base__"``: none)."""
-        if len(adapter_names) != len(x):
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {len(x)} inputs.")
-        result = self.base_layer(x, *args, **kwargs).clone()
-        for name in set(adapter_names):
-            if name == "__base__" or name not in self.qab_H:
-                continue
-            rows = [i for i, n in enumerate(adapter_names) if n == name]
-            result[rows] += self.adapter_output(name, x[rows]).to(result.dtype)
-        return result
 
     def __repr__(self) -> str:
         return "qablora." + super().__repr__()
