@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar
 
-from peft.config import PeftConfig
-
-from ...checkpoint import CheckedCheckpointMixin
 from ...ops import check_factor
-from ...registry import extend_peft_type
+from ..base_config import AdapterConfig
 
 
 @dataclass
-class BLoRAConfig(CheckedCheckpointMixin, PeftConfig):
+class BLoRAConfig(AdapterConfig):
     """Configuration of a :class:`BLoRAModel`.
 
     BLoRA average-pools the adapter input by ``balance_factor`` (λ), runs a rank ``λ·r`` adapter on the pooled
@@ -39,30 +36,10 @@ class BLoRAConfig(CheckedCheckpointMixin, PeftConfig):
             instead of raising an error.
     """
 
+    PEFT_TYPE_NAME: ClassVar[str] = "BLORA"
+
     r: int = field(default=8, metadata={"help": "Base rank; the inner rank is balance_factor * r."})
     balance_factor: int = field(default=2, metadata={"help": "λ: pool inputs / repeat outputs by this factor."})
-    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: s = lora_alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
-    target_modules: list[str] | str | None = field(
-        default=None,
-        metadata={"help": "Module names or a regex to adapt, or 'all-linear'."},
-    )
-    exclude_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Module names or a regex never to adapt."}
-    )
-    layers_to_transform: list[int] | int | None = field(
-        default=None, metadata={"help": "Layer indices to adapt (needs a standard layer pattern)."}
-    )
-    layers_pattern: list[str] | str | None = field(
-        default=None, metadata={"help": "Name of the layer list, e.g. 'layers' or 'h'."}
-    )
-    bias: Literal["none", "all"] = field(default="none", metadata={"help": "'none' or 'all'."})
-    modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Modules besides the adapters to train and save."}
-    )
-    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
-        default=None, metadata={"help": "Token indices whose embeddings are trained (peft TrainableTokens)."}
-    )
     init_weights: bool = field(
         default=True, metadata={"help": "True: B = 0 (no change at init). False: random B (for tests)."}
     )
@@ -73,18 +50,5 @@ class BLoRAConfig(CheckedCheckpointMixin, PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = extend_peft_type("BLORA")
         check_factor("BLoRAConfig.r", self.r)
         check_factor("BLoRAConfig.balance_factor", self.balance_factor)
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise ValueError(f"BLoRAConfig.lora_alpha must be a number, got {self.lora_alpha!r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"BLoRAConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        if self.bias not in ("none", "all"):
-            raise ValueError(f"BLoRAConfig.bias must be 'none' or 'all', got {self.bias!r}.")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("BLoRAConfig.layers_pattern is only used together with layers_to_transform.")

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-from peft.config import PeftConfig
-
-from ...checkpoint import CheckedCheckpointMixin
 from ...ops import check_factor
-from ...registry import extend_peft_type
+from ..base_config import AdapterConfig, check_number
 
 INIT_MODES = ("gradient", "lora")
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
@@ -17,7 +14,7 @@ INIT_SCALES = ("stable", "gd", "unit")
 
 
 @dataclass
-class GradApproxConfig(CheckedCheckpointMixin, PeftConfig):
+class GradApproxConfig(AdapterConfig):
     """Configuration of a :class:`GradApproxModel`.
 
     Every targeted linear layer gets ``A: (r, D_in)``, ``B: (D_out, r)`` and frozen persistent copies ``A0``, ``B0``
@@ -59,28 +56,9 @@ class GradApproxConfig(CheckedCheckpointMixin, PeftConfig):
             implemented.
     """
 
+    PEFT_TYPE_NAME: ClassVar[str] = "GRADAPPROX"
+
     r: int = field(default=8, metadata={"help": "Adapter rank."})
-    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: s = lora_alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
-    target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Module names or a regex to adapt, or 'all-linear'."}
-    )
-    exclude_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Module names or a regex never to adapt."}
-    )
-    layers_to_transform: list[int] | int | None = field(
-        default=None, metadata={"help": "Layer indices to adapt (needs a standard layer pattern)."}
-    )
-    layers_pattern: list[str] | str | None = field(
-        default=None, metadata={"help": "Name of the layer list, e.g. 'layers' or 'h'."}
-    )
-    bias: Literal["none", "all"] = field(default="none", metadata={"help": "'none' or 'all'."})
-    modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Modules besides the adapters to train and save."}
-    )
-    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
-        default=None, metadata={"help": "Token indices whose embeddings are trained (peft TrainableTokens)."}
-    )
     init: Literal["gradient", "lora"] = field(
         default="gradient", metadata={"help": "'gradient' (LoRA-GA from the sketched gradient) or 'lora'."}
     )
@@ -106,21 +84,15 @@ class GradApproxConfig(CheckedCheckpointMixin, PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = extend_peft_type("GRADAPPROX")
         check_factor("GradApproxConfig.r", self.r)
         check_factor("GradApproxConfig.estimation_batches", self.estimation_batches)
         check_factor("GradApproxConfig.sketch_passes", self.sketch_passes)
         if isinstance(self.oversampling, bool) or not isinstance(self.oversampling, int) or self.oversampling < 0:
             raise ValueError(f"GradApproxConfig.oversampling must be an integer >= 0, got {self.oversampling!r}.")
-        for name in ("lora_alpha", "stable_gamma"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"GradApproxConfig.{name} must be a number, got {value!r}.")
+        check_number("GradApproxConfig.stable_gamma", self.stable_gamma)
         if self.stable_gamma <= 0:
             raise ValueError(f"GradApproxConfig.stable_gamma must be > 0, got {self.stable_gamma!r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"GradApproxConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        for name, valid in (("bias", ("none", "all")), ("init", INIT_MODES), ("direction", DIRECTIONS)):
+        for name, valid in (("init", INIT_MODES), ("direction", DIRECTIONS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"GradApproxConfig.{name} must be one of {valid}, got {getattr(self, name)!r}.")
         if self.init_scale not in INIT_SCALES:
@@ -131,9 +103,3 @@ class GradApproxConfig(CheckedCheckpointMixin, PeftConfig):
                 "(depth 1..5) is not implemented yet; only approximator_depth=0 (gradient-subspace initialization) "
                 "is available."
             )
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("GradApproxConfig.layers_pattern is only used together with layers_to_transform.")
