@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterable
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
@@ -234,3 +235,44 @@ class AdditiveAdapterForward:
             rows = [i for i, n in enumerate(adapter_names) if n == name]
             result[rows] += self.adapter_output(name, x[rows]).to(result.dtype)
         return result
+
+
+class DeltaWeightMerge:
+    """merge / unmerge for tuner layers whose update is ``get_delta_weight(name)``: ``(D_out, D_in)`` float32.
+
+    The delta is added to the (dequantized) base weight, which a quantized base re-quantizes, as peft's LoRA does;
+    ``merge_and_unload(dequantize=True)`` gives a lossless 16/32-bit result instead.
+    """
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active (or the given) adapters' ``ΔW`` to the base weight."""
+        for name in check_adapters_to_merge(self, adapter_names):
+            if self._holds_adapter(name):
+                self._add_to_base_weight(name, sign=1.0, check_finite=safe_merge)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's ``ΔW`` again, newest first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if self._holds_adapter(name):
+                self._add_to_base_weight(name, sign=-1.0, check_finite=False)
+
+    def _add_to_base_weight(self, adapter_name: str, sign: float, check_finite: bool) -> None:
+        backend = self.quantization_backend
+        if backend is not None and not backend.supports_merge:
+            raise TypeError(
+                f"Cannot merge into module {self.module_name!r} in place: {backend.backend_name} layers cannot be "
+                "updated. Use merge_and_unload(dequantize=True)."
+            )
+        undo_bnb_cpu_repack(self.get_base_layer())
+        weight = self.get_base_weight()
+        merged = weight.float() + sign * self.get_delta_weight(adapter_name).to(weight.device)
+        if check_finite and not torch.isfinite(merged).all():
+            raise ValueError(
+                f"NaNs or infs in the merged weight of module {self.module_name!r}; adapter {adapter_name!r} is broken."
+            )
+        self.set_base_weight(merged.to(weight.dtype))

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
 
 from ...ops import expand, expand_blocks, pool
-from ..common import AdditiveAdapterForward, check_adapter_shapes_on_load, guard_bnb_cpu_repack, undo_bnb_cpu_repack
+from ..common import (
+    AdditiveAdapterForward,
+    DeltaWeightMerge,
+    check_adapter_shapes_on_load,
+    guard_bnb_cpu_repack,
+)
 from .config import BLoRAConfig
 
 
-class BLoRALayer(BaseTunerLayer):
+class BLoRALayer(DeltaWeightMerge, BaseTunerLayer):
     """State shared by BLoRA layers: per adapter ``bal_A: (λr, D_in/λ)``, ``bal_B: (D_out/λ, λr)``."""
 
     adapter_layer_names: tuple[str, ...] = ("bal_A", "bal_B")
@@ -87,47 +91,6 @@ class BLoRALayer(BaseTunerLayer):
         a = self.bal_A[adapter_name].weight.detach().float()
         b = self.bal_B[adapter_name].weight.detach().float()
         return expand_blocks(b @ a, lam, lam) * (self.scaling[adapter_name] / lam)
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the active (or the given) adapters' ``ΔW`` to the base weight.
-
-        On a quantized base the weight is dequantized, updated and re-quantized (as peft's LoRA does); use
-        ``merge_and_unload(dequantize=True)`` for a lossless 16-bit result.
-        """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for name in adapter_names:
-            if name not in self.bal_A:
-                continue
-            self._add_to_base_weight(name, sign=1.0, check_finite=safe_merge)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Subtract every merged adapter's ``ΔW`` again, newest first."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.bal_A:
-                self._add_to_base_weight(name, sign=-1.0, check_finite=False)
-
-    def _add_to_base_weight(self, adapter_name: str, sign: float, check_finite: bool) -> None:
-        base_layer = self.get_base_layer()
-        if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
-            raise TypeError(
-                f"Cannot merge BLoRA into module {self.module_name!r}: "
-                f"{self.quantization_backend.backend_name} layers cannot be dequantized."
-            )
-        undo_bnb_cpu_repack(base_layer)
-        weight = self.get_base_weight()
-        orig_dtype = weight.dtype
-        delta = self.get_delta_weight(adapter_name).to(weight.device)
-        merged = weight.float() + sign * delta
-        if check_finite and not torch.isfinite(merged).all():
-            raise ValueError(
-                f"NaNs or infs in the merged weight of module {self.module_name!r}; adapter {adapter_name!r} is broken."
-            )
-        self.set_base_weight(merged.to(orig_dtype))
 
 
 class BLoRALinear(AdditiveAdapterForward, nn.Module, BLoRALayer):

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
 from torch import nn
 
 from ..common import (
     AdditiveAdapterForward,
+    DeltaWeightMerge,
     check_adapter_shapes_on_load,
     guard_bnb_cpu_repack,
     is_tile_int4,
-    undo_bnb_cpu_repack,
 )
 from .config import GradApproxConfig
 
@@ -50,7 +49,7 @@ class GradientProbe:
         return F.linear(F.linear(x, self.omega_t), self.range_b) + F.linear(F.linear(x, self.corange_a), self.psi)
 
 
-class GradApproxLayer(BaseTunerLayer):
+class GradApproxLayer(DeltaWeightMerge, BaseTunerLayer):
     """State of GradApprox layers: per adapter ``gax_A: (r, D_in)``, ``gax_B: (D_out, r)`` and frozen persistent
     buffers ``gax_A0``, ``gax_B0`` with the same shapes (their values at initialization)."""
 
@@ -163,42 +162,6 @@ class GradApproxLayer(BaseTunerLayer):
         a, b = self.gax_A[adapter_name].weight.detach().float(), self.gax_B[adapter_name].weight.detach().float()
         a0, b0 = self.gax_A0[adapter_name].float(), self.gax_B0[adapter_name].float()
         return (b @ a - b0 @ a0) * self.scaling[adapter_name]
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the active (or the given) adapters' ``ΔW`` to the base weight (re-quantized on a bnb base)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for name in adapter_names:
-            if name not in self.gax_A:
-                continue
-            self._add_to_base_weight(name, sign=1.0, check_finite=safe_merge)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Subtract every merged adapter's ``ΔW`` again, newest first."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.gax_A:
-                self._add_to_base_weight(name, sign=-1.0, check_finite=False)
-
-    def _add_to_base_weight(self, adapter_name: str, sign: float, check_finite: bool) -> None:
-        backend = self.quantization_backend
-        if backend is not None and not backend.supports_merge:
-            hint = " Use merge_and_unload(dequantize=True)." if backend.backend_name == TILE_INT4_BACKEND else ""
-            raise TypeError(
-                f"Cannot merge GradApprox into module {self.module_name!r}: {backend.backend_name} layers cannot be "
-                f"updated in place.{hint}"
-            )
-        undo_bnb_cpu_repack(self.get_base_layer())
-        weight = self.get_base_weight()
-        merged = weight.float() + sign * self.get_delta_weight(adapter_name).to(weight.device)
-        if check_finite and not torch.isfinite(merged).all():
-            raise ValueError(
-                f"NaNs or infs in the merged weight of module {self.module_name!r}; adapter {adapter_name!r} is broken."
-            )
-        self.set_base_weight(merged.to(weight.dtype))
 
 
 class GradApproxLinear(AdditiveAdapterForward, nn.Module, GradApproxLayer):
