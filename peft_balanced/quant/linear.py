@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gemv import fused_linear, use_gemv
 from .kernels import _triton_available, triton_dequantize_tiles
 from .tile_int4 import (
     check_tile,
@@ -138,8 +139,12 @@ class TileInt4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _autocast_dtype(x.device.type) or (x.dtype if x.is_floating_point() else self.compute_dtype)
-        weight = self.dequantize(dtype)
         bias = self.bias.to(dtype) if self.bias is not None else None
+        tokens = x.numel() // self.in_features if self.in_features else 0
+        param_grad = self.scale.requires_grad or self.zero.requires_grad or (bias is not None and bias.requires_grad)
+        if use_gemv(tokens, self.tile, dtype, x.device.type, x.is_cuda and _triton_available(), param_grad):
+            return fused_linear(x.to(dtype), self.qweight, self.scale, self.zero, self.tile, bias)  # few tokens
+        weight = self.dequantize(dtype)
         return F.linear(x, weight, bias)
 
     @torch.no_grad()
