@@ -4,46 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import get_peft_model
+from sft import mean, sft_train
 from tiny import LLAMA_TARGETS, tiny_llama, tiny_tokenizer
 from transformers import Trainer, TrainerState, TrainingArguments
-from trl import SFTConfig, SFTTrainer
 
 from peft_balanced import GradApproxConfig, GradApproxInitCallback
 from peft_balanced.tuners.gradapprox import GradApproxLinear
 
 
-def copy_task(n: int = 64) -> Dataset:
-    """Short texts with a fixed pattern that a tiny model learns in a few dozen steps."""
-    return Dataset.from_dict({"text": [f"{i % 10} plus 1 is {i % 10 + 1}." for i in range(n)]})
-
-
-def sft_run(tmp_path, init: str, steps: int, callbacks: list) -> tuple[SFTTrainer, list[float]]:
-    args = SFTConfig(
-        output_dir=str(tmp_path / f"out-{init}"),
-        max_steps=steps,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        max_length=32,
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    trainer = SFTTrainer(
-        model=tiny_llama(initializer_range=0.1),
-        args=args,
-        train_dataset=copy_task(),
-        processing_class=tiny_tokenizer(),
-        peft_config=GradApproxConfig(r=4, lora_alpha=16, target_modules=LLAMA_TARGETS, init=init),
-        callbacks=callbacks,
-    )
-    trainer.train()
-    return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+def sft_run(tmp_path, init: str, steps: int, callbacks: list):
+    config = GradApproxConfig(r=4, lora_alpha=16, target_modules=LLAMA_TARGETS, init=init)
+    return sft_train(tiny_llama(initializer_range=0.1), config, tmp_path / f"out-{init}", steps, callbacks)
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +23,6 @@ def gradient_run(tmp_path_factory):
     callback = GradApproxInitCallback(num_batches=4, progress=False)
     trainer, losses = sft_run(tmp_path_factory.mktemp("sft"), "gradient", 30, [callback])
     return trainer, losses, callback
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def test_sft_trainer_with_the_callback_initialises_from_the_gradient_and_loss_goes_down(gradient_run):

@@ -3,48 +3,18 @@
 from __future__ import annotations
 
 import torch
-from datasets import Dataset
+from sft import mean, sft_train
 from tiny import tiny_llama, tiny_tokenizer
-from trl import SFTConfig, SFTTrainer
 
 from peft_balanced import QABLoRAConfig
 from peft_balanced.quant import TileInt4Linear, quantize_model
 from peft_balanced.tuners.qablora import QABLoRALinear
 
 
-def copy_task(n: int = 64) -> Dataset:
-    """Short texts with a fixed pattern that a tiny model learns in a few dozen steps."""
-    return Dataset.from_dict({"text": [f"{i % 10} plus 1 is {i % 10 + 1}." for i in range(n)]})
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def test_sft_trainer_trains_qablora_on_tile_int4_model_and_merge_stays_4bit(tmp_path):
     model = quantize_model(tiny_llama(initializer_range=0.1), tile=(4, 8))
-    args = SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=30,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        max_length=32,
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=copy_task(),
-        processing_class=tiny_tokenizer(),
-        peft_config=QABLoRAConfig(tile=(4, 8), lora_alpha=1.0, target_modules="all-linear"),
-    )
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    config = QABLoRAConfig(tile=(4, 8), lora_alpha=1.0, target_modules="all-linear")
+    trainer, losses = sft_train(model, config, tmp_path / "out")
     assert any(isinstance(m, QABLoRALinear) for m in trainer.model.modules())
     assert mean(losses[-5:]) < 0.7 * mean(losses[:5]), losses
 

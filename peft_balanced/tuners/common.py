@@ -276,3 +276,12 @@ class DeltaWeightMerge:
                 f"NaNs or infs in the merged weight of module {self.module_name!r}; adapter {adapter_name!r} is broken."
             )
         self.set_base_weight(merged.to(weight.dtype))
+
+
+def is_linear_base(module: nn.Module, allow_tile_int4: bool = False) -> bool:
+    """``True`` for ``nn.Linear``, a quantized linear peft has a backend for (bnb 4/8-bit, ...), and optionally a
+    ``TileInt4Linear``: the bases a tuner's one linear layer class can wrap."""
+    if isinstance(module, nn.Linear) or (allow_tile_int4 and is_tile_int4(module)):
+        return True
+    backend = resolve_quantization_backend(module)
+    return backend is not None and backend.layer_type == "linear"

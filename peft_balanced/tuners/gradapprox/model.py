@@ -6,10 +6,9 @@ from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
-from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
-from ..common import AdapterNamesRoutingMixin, DequantizingMergeMixin, is_tile_int4
+from ..common import AdapterNamesRoutingMixin, DequantizingMergeMixin, is_linear_base
 from .config import GradApproxConfig
 from .layer import GradApproxLayer, GradApproxLinear
 
@@ -41,12 +40,7 @@ class GradApproxModel(AdapterNamesRoutingMixin, DequantizingMergeMixin, BaseTune
             target.update_layer(adapter_name, config)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        is_linear = (
-            isinstance(base, nn.Linear)
-            or is_tile_int4(base)
-            or ((backend := resolve_quantization_backend(base)) is not None and backend.layer_type == "linear")
-        )
-        if not is_linear:
+        if not is_linear_base(base, allow_tile_int4=True):
             raise TypeError(
                 f"GradApprox cannot adapt module {current_key!r} of type {type(base).__name__}: only torch.nn.Linear, "
                 "bitsandbytes 4/8-bit and TileInt4Linear layers are supported. Remove it from target_modules."
