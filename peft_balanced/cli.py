@@ -61,29 +61,20 @@ def _merge_lora_dequantized(peft_model):
     """Fallback for adapters whose merge cannot dequantize: W = dequant(W_4bit) + ΔW, as plain ``nn.Linear``."""
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from torch import nn
+
+    from .tuners.common import dequantized_linear
 
     model = peft_model.get_base_model()
     for name, module in list(model.named_modules()):
         if not isinstance(module, BaseTunerLayer):
             continue
-        base = module.get_base_layer()
-        weight = base.weight
-        if getattr(weight, "quant_state", None) is not None:
-            import bitsandbytes.functional as bnbf
-
-            if getattr(weight.quant_state, "packing_format_for_cpu", False):
-                raise RuntimeError(f"{name}: 4-bit weight was repacked for AVX512-BF16; cannot dequantize exactly")
-            weight = bnbf.dequantize_4bit(weight.data, weight.quant_state)
-        weight = weight.detach().float().clone()
-        for adapter in module.active_adapters:
-            if adapter in getattr(module, "lora_A", {}):
-                weight += module.get_delta_weight(adapter).float()
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if base.bias is not None:
-                linear.bias.copy_(base.bias.float())
+        linear = dequantized_linear(module.get_base_layer(), torch.float32).float()
+        delta = sum(
+            module.get_delta_weight(adapter).float()
+            for adapter in module.active_adapters
+            if adapter in getattr(module, "lora_A", {})
+        )
+        linear.weight.data = linear.weight.data.float() + delta
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
     if hasattr(model, "peft_config"):
