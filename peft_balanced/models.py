@@ -107,10 +107,12 @@ def quantize_linear_nf4(
     compute_dtype: torch.dtype = torch.float32,
     skip: tuple[str, ...] = ("lm_head",),
     blocksize: int = 64,
+    double_quant: bool = False,
 ) -> int:
     """Replace every ``nn.Linear`` (except names in ``skip``) by a bitsandbytes NF4 ``Linear4bit``, in place.
 
-    Quantizes on the layer's current device (CPU works with bitsandbytes >= 0.48). The AVX512-BF16 CPU repack
+    Quantizes the weight in its own dtype on the layer's current device (CPU works with bitsandbytes >= 0.48);
+    ``double_quant=True`` also quantizes the absmax statistics (QLoRA's double quantization). The AVX512-BF16 CPU repack
     is switched off per module: it rewrites the weight in place on eval forwards, after which a dequantize-merge
     is silently wrong. Marks the model ``is_loaded_in_4bit`` so that PEFT dispatches its 4-bit layers.
     Returns the number of replaced layers.
@@ -130,15 +132,15 @@ def quantize_linear_nf4(
             module.out_features,
             bias=module.bias is not None,
             compute_dtype=compute_dtype,
-            compress_statistics=False,
+            compress_statistics=double_quant,
             quant_type="nf4",
             device="meta",
         )
         qlayer.weight = bnb.nn.Params4bit(
-            weight.to(torch.float32).contiguous(),
+            weight.contiguous(),
             requires_grad=False,
             blocksize=blocksize,
-            compress_statistics=False,
+            compress_statistics=double_quant,
             quant_type="nf4",
             module=qlayer,
         ).to(weight.device)

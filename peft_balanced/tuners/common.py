@@ -14,6 +14,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
+from ..quant.nf4 import nf4_linear, uses_fast_nf4
+
 
 def undo_bnb_cpu_repack(module: nn.Module) -> None:
     """Restore the standard layout of a bitsandbytes 4-bit weight that a CPU forward repacked in place.
@@ -214,7 +216,7 @@ class AdditiveAdapterForward:
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_forward(x, *args, **kwargs)
         backend = getattr(self, "quantization_backend", None)
         if backend is not None:
             result = backend.maybe_clone_base_result(result)
@@ -222,6 +224,12 @@ class AdditiveAdapterForward:
             if self._holds_adapter(name):
                 result = result + self.adapter_output(name, x).to(result.dtype)
         return result
+
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output; bitsandbytes NF4 bases on CUDA go through the faster :func:`nf4_linear`."""
+        if not args and not kwargs and uses_fast_nf4(self.base_layer, x):
+            return nf4_linear(self.base_layer, x)
+        return self.base_layer(x, *args, **kwargs)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any

@@ -1,0 +1,389 @@
+"""Training and inference speed of every adapter, side by side, on a Llama-2-7B-shaped model with random weights.
+
+    PYTHONUNBUFFERED=1 python benchmarks/speed.py                 # the H100 run of docs/benchmarks.md
+    python benchmarks/speed.py --tiny                             # a CPU smoke run of the harness (seconds)
+
+Training (one process, one GPU, batch ``--batch`` x ``--seq`` tokens, AdamW, gradient checkpointing on and off):
+peft LoRA on bf16, peft QLoRA on bitsandbytes NF4 (double quant, bf16 compute), BLoRA on bf16, Q-BLoRA on NF4,
+QA-BLoRA on the INT4 tile format and GradApprox on bf16, rank ``--r`` on the 7 projections (equal trainable
+parameters; QA-BLoRA's count is fixed by its tile, so ``qlora_match`` is QLoRA at the rank with QA-BLoRA's count).
+Step time is the median over ``--steps`` timed steps after ``--warmup``; peak memory is measured from the moment the
+model is built. Also: GradApprox's gradient estimation on the NF4 model (time, peak memory), the autograd memory an
+adapter adds to one layer (LoRA vs BLoRA), and inference (prefill and batch-1 decode) of the bf16, NF4 and INT4
+models. Adapters use peft's default dtype (float32 weights); ``--adapter-dtype bf16`` casts them like TRL does.
+Writes ``speed.json`` and ``speed.log`` under ``--out`` (default ``$OUT`` or ``.``); the table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+import peft_balanced  # noqa: E402
+from peft_balanced.models import LLAMA_PROJECTIONS, quantize_linear_nf4  # noqa: E402
+
+METHODS = ("lora", "qlora", "blora", "qblora", "qablora", "qlora_match", "gradapprox")
+BASE_OF = {  # method -> base format
+    "lora": "bf16", "blora": "bf16", "gradapprox": "bf16",
+    "qlora": "nf4", "qblora": "nf4", "qlora_match": "nf4",
+    "qablora": "int4",
+}  # fmt: skip
+LINES: list[str] = []
+
+
+def say(line: str = "") -> None:
+    LINES.append(line)
+    print(line, flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def gib(n_bytes: float) -> float:
+    return n_bytes / 2**30
+
+
+def build_model(args, base: str):
+    """A random-weight Llama in bf16 on the device, with its projections in ``base`` format."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.inter,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=max(4096, args.seq + args.decode_tokens),
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(args.device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    if base == "nf4":
+        quantize_linear_nf4(model, compute_dtype=torch.bfloat16, double_quant=True)
+    elif base == "int4":
+        peft_balanced.quantize_model(model, tile=tuple(args.tile))
+    model.config.use_cache = False
+    return model
+
+
+def adapter_config(method: str, args, qablora_params: int | None = None):
+    common = dict(target_modules=list(LLAMA_PROJECTIONS), lora_dropout=0.0)
+    if method in ("lora", "qlora"):
+        return LoraConfig(r=args.r, lora_alpha=2 * args.r, **common)
+    if method == "qlora_match":
+        per_rank = qablora_params // args.r_match_denominator
+        return LoraConfig(r=max(1, round(per_rank)), lora_alpha=2 * args.r, **common)
+    if method in ("blora", "qblora"):
+        return peft_balanced.BLoRAConfig(r=args.r, balance_factor=args.balance, lora_alpha=2 * args.r, **common)
+    if method == "qablora":
+        return peft_balanced.QABLoRAConfig(tile=tuple(args.tile), lora_alpha=2.0, **common)
+    if method == "gradapprox":
+        return peft_balanced.GradApproxConfig(r=args.r, lora_alpha=2 * args.r, init="lora", **common)
+    raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
+
+
+def qablora_param_count(args) -> int:
+    l1, l2 = args.tile
+    attn = 4 * args.hidden * args.hidden
+    mlp = 3 * args.hidden * args.inter
+    return args.layers * (attn + mlp) // (l1 * l2)
+
+
+def random_batch(args, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(args.device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def train_speed(model, method: str, gc_on: bool, args, qablora_params: int) -> dict:
+    """Median step time, tok/s and peak memory of ``method`` on ``model`` (wrapped, measured, then unloaded)."""
+    if gc_on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    config = adapter_config(method, args, qablora_params)
+    peft_model = get_peft_model(model, config)
+    if args.adapter_dtype == "bf16":
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
+    generator = torch.Generator().manual_seed(1)
+    batch = random_batch(args, generator)
+    peft_model.train()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        sync()
+        start = time.perf_counter()
+        loss = peft_model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    step_s = statistics.median(times)
+    del optimizer, batch, loss
+    peft_model.unload()
+    model.gradient_checkpointing_disable()
+    row = {
+        "method": method,
+        "base": BASE_OF[method],
+        "gc": gc_on,
+        "trainable": trainable,
+        "step_s": step_s,
+        "tok_s": args.batch * args.seq / step_s,
+        "resident_gib": gib(resident),
+        "peak_gib": gib(peak),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+    say(json.dumps(row))
+    return row
+
+
+def gradapprox_estimation(model, args) -> dict:
+    """Time and peak memory of ``init_gradapprox`` (2 batches, 2 passes) on ``model`` with gradient checkpointing."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = peft_balanced.GradApproxConfig(r=args.r, lora_alpha=2 * args.r, target_modules=list(LLAMA_PROJECTIONS))
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(2)
+    batches = [random_batch(args, generator) for _ in range(2)]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    start = time.perf_counter()
+    peft_balanced.init_gradapprox(peft_model, batches, progress=False)
+    sync()
+    row = {
+        "what": "gradapprox_estimation",
+        "base": "nf4",
+        "batches": 2,
+        "seconds": time.perf_counter() - start,
+        "peak_gib": gib(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0.0,
+    }
+    peft_model.unload()
+    model.gradient_checkpointing_disable()
+    say(json.dumps(row))
+    return row
+
+
+def adapter_activation_bytes(args) -> list[dict]:
+    """Bytes autograd keeps for one up_proj-shaped layer with an adapter, beyond what the bare layer keeps."""
+    rows = []
+    d_in, d_out = args.hidden, args.inter
+    tokens = args.batch * args.seq
+    for method in ("lora", "blora"):
+        layer = torch.nn.Sequential(torch.nn.Linear(d_in, d_out, bias=False))
+        layer.to(args.device, torch.bfloat16).requires_grad_(False)
+        config = adapter_config(method, args)
+        config.target_modules = ["0"]
+        wrapped = get_peft_model(layer, config)
+        x = torch.randn(tokens, d_in, device=args.device, dtype=torch.bfloat16, requires_grad=True)
+        rows.append({"what": "adapter_activation", "method": method, "bytes": saved_bytes(wrapped, x, exclude=x)})
+        wrapped.unload()
+    for row in rows:
+        say(json.dumps(row))
+    return rows
+
+
+def saved_bytes(module, x: torch.Tensor, exclude: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd saves during ``module(x)``, not counting ``exclude``'s storage."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() != exclude.untyped_storage().data_ptr():
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+@torch.no_grad()
+def inference_speed(model, base: str, args) -> dict:
+    """Prefill tok/s (batch 1 x ``--prefill`` tokens) and batch-1 greedy decode tok/s with a KV cache."""
+    model.eval()
+    model.config.use_cache = True
+    generator = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, args.vocab, (1, args.prefill), generator=generator).to(args.device)
+    for _ in range(2):
+        model(prompt)
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        model(prompt)
+    sync()
+    prefill_s = (time.perf_counter() - start) / args.steps
+    short = prompt[:, :16]
+    kwargs = dict(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False)
+    model.generate(short, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+    sync()
+    start = time.perf_counter()
+    model.generate(short, **kwargs)
+    sync()
+    decode_s = time.perf_counter() - start
+    model.config.use_cache = False
+    row = {
+        "what": "inference",
+        "base": base,
+        "prefill_tok_s": args.prefill / prefill_s,
+        "decode_tok_s": args.decode_tokens / decode_s,
+        "weights_gib": gib(torch.cuda.memory_allocated()) if torch.cuda.is_available() else 0.0,
+    }
+    say(json.dumps(row))
+    return row
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--gc", default="on,off", help="gradient checkpointing settings to run: on, off or on,off")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--inter", type=int, default=11008)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--r", type=int, default=64)
+    parser.add_argument("--balance", type=int, default=2)
+    parser.add_argument("--tile", type=int, nargs=2, default=(4, 8))
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--adapter-dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--skip", default="", help="comma list of parts to skip: train, estimation, activation, inference"
+    )
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: checks the harness, not speed")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args(argv)
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.tiny:
+        args.layers, args.hidden, args.inter, args.heads, args.vocab = 2, 256, 512, 4, 512
+        args.batch, args.seq, args.r, args.steps, args.warmup = 2, 64, 8, 2, 1
+        args.prefill, args.decode_tokens = 32, 4
+    args.r_match_denominator = args.layers * (4 * 2 * args.hidden + 3 * (args.hidden + args.inter))
+    return args
+
+
+def markdown_table(rows: list[dict], extras: list[dict], args) -> list[str]:
+    lines = [
+        f"Training, batch {args.batch}x{args.seq}, r={args.r} (BLoRA balance {args.balance}, QA-BLoRA tile "
+        f"{args.tile[0]}x{args.tile[1]}), adapters {args.adapter_dtype}, {args.layers} layers:",
+        "",
+        "| method | base | grad ckpt | trainable | s/step | tok/s | peak GiB |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['base']} | {'on' if row['gc'] else 'off'} | {row['trainable'] / 1e6:.2f}M "
+            f"| {row['step_s']:.3f} | {row['tok_s']:.0f} | {row['peak_gib']:.1f} |"
+        )
+    for gc_on in (True, False):
+        by = {r["method"]: r for r in rows if r["gc"] == gc_on}
+        if "qblora" in by and "qlora" in by:
+            ratio = by["qblora"]["tok_s"] / by["qlora"]["tok_s"]
+            lines.append(f"\nQ-BLoRA / QLoRA tok/s, grad ckpt {'on' if gc_on else 'off'}: {ratio:.2f}x")
+        if "qablora" in by and "qlora_match" in by:
+            ratio = by["qablora"]["tok_s"] / by["qlora_match"]["tok_s"]
+            lines.append(f"QA-BLoRA / QLoRA (equal params) tok/s, grad ckpt {'on' if gc_on else 'off'}: {ratio:.2f}x")
+    inference = [e for e in extras if e.get("what") == "inference"]
+    if inference:
+        lines += ["", "| model | weights GiB | prefill tok/s | decode tok/s (batch 1) |", "|---|---:|---:|---:|"]
+        for e in inference:
+            lines.append(
+                f"| {e['base']} | {e['weights_gib']:.1f} | {e['prefill_tok_s']:.0f} | {e['decode_tok_s']:.1f} |"
+            )
+    for e in extras:
+        if e.get("what") == "gradapprox_estimation":
+            lines.append(
+                f"\nGradApprox estimation on NF4 ({e['batches']} batches x 2 passes): {e['seconds']:.1f} s, "
+                f"peak {e['peak_gib']:.1f} GiB"
+            )
+        if e.get("what") == "adapter_activation":
+            lines.append(f"Adapter autograd memory, one {args.hidden}->{args.inter} layer, {args.batch * args.seq} "
+                         f"tokens, {e['method']}: {e['bytes'] / 2**20:.1f} MiB")  # fmt: skip
+    return lines
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    for method in methods:
+        if method not in METHODS:
+            raise SystemExit(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    gc_settings = [{"on": True, "off": False}[g] for g in args.gc.split(",") if g]
+    skip = set(filter(None, args.skip.split(",")))
+    if torch.cuda.is_available():
+        say(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    rows, extras = [], []
+    qablora_params = qablora_param_count(args)
+    for base in ("bf16", "int4", "nf4"):
+        todo = [m for m in methods if BASE_OF[m] == base]
+        wants_inference = "inference" not in skip
+        if not todo and not wants_inference:
+            continue
+        start = time.perf_counter()
+        model = build_model(args, base)
+        say(f"built {base} model in {time.perf_counter() - start:.1f} s")
+        if "train" not in skip:
+            for gc_on in gc_settings:
+                for method in todo:
+                    rows.append(train_speed(model, method, gc_on, args, qablora_params))
+        if base == "nf4" and "estimation" not in skip:
+            extras.append(gradapprox_estimation(model, args))
+        if wants_inference:
+            extras.append(inference_speed(model, base, args))
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if "activation" not in skip:
+        extras += adapter_activation_bytes(args)
+    table = markdown_table(rows, extras, args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "speed.json"), "w") as handle:
+        json.dump({"args": {k: v for k, v in vars(args).items()}, "train": rows, "other": extras}, handle, indent=1)
+    for line in table:
+        say(line)
+    with open(os.path.join(args.out, "speed.log"), "w") as handle:
+        handle.write("\n".join(LINES) + "\n")
+
+
+if __name__ == "__main__":
+    main()

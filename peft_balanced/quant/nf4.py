@@ -1,0 +1,165 @@
+"""A faster training path for bitsandbytes NF4 layers on CUDA: one Triton dequantize kernel, then cuBLAS.
+
+bitsandbytes' ``matmul_4bit`` dequantizes a double-quantized NF4 weight with several kernels (the nested absmax, its
+offset, then the codes) and allocations, in the forward and again in the backward. :func:`nf4_linear` does the same
+math in one kernel: ``W[i] = code[q_i] · (code2[a_b] · absmax2[b // 256] + offset)`` for element ``i`` of block ``b``,
+in float32 without FMA contraction and rounded once to the compute dtype, so the dequantized weight is bit-identical
+to ``bitsandbytes.functional.dequantize_4bit`` (checked by the CPU reference :func:`nf4_dequantize_reference` and the
+CUDA tests). The product is ``F.linear`` on that weight, so outputs differ from bitsandbytes' only by cuBLAS
+choosing another kernel (bf16 rounding). The dequantized weight is not kept for the backward: it is recomputed.
+
+The adapter layers use it for bitsandbytes NF4 bases on CUDA when more than :data:`MIN_TOKENS` tokens go through
+(short inputs keep bitsandbytes' inference GEMV). ``PEFT_BALANCED_DISABLE_TRITON=1`` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import _triton_available
+
+__all__ = ["MIN_TOKENS", "nf4_dequantize", "nf4_dequantize_reference", "nf4_linear", "uses_fast_nf4"]
+
+MIN_TOKENS = 16  # at or below this many tokens bitsandbytes' own inference kernels are kept
+
+
+def _absmax(quant_state: Any) -> torch.Tensor:
+    """Per-block absmax ``(n_blocks,)`` in float32, undoing bitsandbytes' double quantization if present."""
+    if not quant_state.nested:
+        return quant_state.absmax.float()
+    state2 = quant_state.state2
+    scales = state2.absmax.repeat_interleave(state2.blocksize)[: quant_state.absmax.numel()]
+    return state2.code[quant_state.absmax.long()] * scales + quant_state.offset
+
+
+def nf4_dequantize_reference(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Torch reference: packed bytes ``(numel/2, 1)`` (high nibble first) -> weight ``quant_state.shape``."""
+    flat = packed.reshape(-1).to(torch.int64)
+    codes = torch.stack((flat >> 4, flat & 15), dim=1).reshape(-1)
+    values = quant_state.code[codes].view(-1, quant_state.blocksize) * _absmax(quant_state)[:, None]
+    return values.reshape(quant_state.shape).to(dtype or quant_state.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _build_kernel():  # pragma: no cover - needs CUDA
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def nf4_dequant_kernel(
+        q_ptr,
+        absmax_ptr,
+        absmax2_ptr,
+        code2_ptr,
+        offset_ptr,
+        code_ptr,
+        out_ptr,
+        n_bytes,
+        BLOCKSIZE: tl.constexpr,
+        BLOCKSIZE2: tl.constexpr,
+        NESTED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # One program: BLOCK packed bytes -> 2 * BLOCK contiguous outputs (high nibble = even element).
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n_bytes
+        packed = tl.load(q_ptr + offs, mask=ok, other=0).to(tl.int32)
+        block = (2 * offs) // BLOCKSIZE
+        if NESTED:
+            code_a = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + code_a, mask=ok, other=0.0) * tl.load(
+                absmax2_ptr + block // BLOCKSIZE2, mask=ok, other=0.0
+            )
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + block, mask=ok, other=0.0).to(tl.float32)
+        high = tl.load(code_ptr + (packed >> 4), mask=ok, other=0.0) * scale
+        low = tl.load(code_ptr + (packed & 15), mask=ok, other=0.0) * scale
+        out_offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        values = tl.interleave(high, low).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_offs, values, mask=out_offs < 2 * n_bytes)
+
+    return triton, nf4_dequant_kernel
+
+
+def nf4_dequantize(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize a bitsandbytes NF4 weight to ``quant_state.shape`` in ``dtype`` (default: its original dtype).
+
+    One Triton kernel on CUDA, the torch reference elsewhere; both bit-identical to bitsandbytes.
+    """
+    dtype = dtype or quant_state.dtype
+    if not (packed.is_cuda and _triton_available() and quant_state.blocksize % 2 == 0):
+        return nf4_dequantize_reference(packed, quant_state, dtype)
+    triton, kernel = _build_kernel()  # pragma: no cover - needs CUDA
+    n_bytes = packed.numel()
+    out = torch.empty(quant_state.shape, dtype=dtype, device=packed.device)
+    nested = bool(quant_state.nested)
+    state2 = quant_state.state2 if nested else None
+    absmax2 = state2.absmax if nested else quant_state.absmax
+    code2 = state2.code if nested else quant_state.code
+    offset = quant_state.offset if nested else quant_state.absmax
+    block = 1024
+    kernel[(triton.cdiv(n_bytes, block),)](
+        packed,
+        quant_state.absmax,
+        absmax2,
+        code2,
+        offset,
+        quant_state.code,
+        out,
+        n_bytes,
+        BLOCKSIZE=quant_state.blocksize,
+        BLOCKSIZE2=state2.blocksize if nested else 1,
+        NESTED=nested,
+        BLOCK=block,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+class _NF4Linear(torch.autograd.Function):
+    """``y = x Wᵀ + b`` with ``W`` dequantized on the fly in the forward and again in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, quant_state: Any, bias: torch.Tensor | None):
+        weight = nf4_dequantize(packed, quant_state).to(x.dtype)  # bitsandbytes' two roundings, if dtypes differ
+        ctx.packed, ctx.quant_state = packed, quant_state
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ nf4_dequantize(ctx.packed, ctx.quant_state).to(grad_out.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias
+
+
+def nf4_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a bitsandbytes ``Linear4bit`` NF4 ``module`` through :func:`nf4_dequantize` and cuBLAS.
+
+    Mirrors ``Linear4bit.forward``: the input is cast to the layer's compute dtype and the output back to the input's.
+    """
+    weight = module.weight
+    compute_dtype = module.compute_dtype or x.dtype
+    bias = module.bias.to(compute_dtype) if module.bias is not None else None
+    out = _NF4Linear.apply(x.to(compute_dtype), weight.data, weight.quant_state, bias)
+    return out.to(x.dtype)
+
+
+def uses_fast_nf4(module: nn.Module, x: torch.Tensor) -> bool:
+    """True when :func:`nf4_linear` should replace ``module``'s own forward for input ``x``."""
+    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if quant_state is None or not x.is_cuda or getattr(quant_state, "quant_type", None) != "nf4":
+        return False
+    if getattr(quant_state, "packing_format_for_cpu", False) or x.numel() // x.shape[-1] <= MIN_TOKENS:
+        return False
+    return _triton_available()
