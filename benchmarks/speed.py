@@ -7,6 +7,7 @@ Training (one process, one GPU, batch ``--batch`` x ``--seq`` tokens, AdamW, gra
 peft LoRA on bf16, peft QLoRA on bitsandbytes NF4 (double quant, bf16 compute), BLoRA on bf16, Q-BLoRA on NF4,
 QA-BLoRA on the INT4 tile format and GradApprox on bf16, rank ``--r`` on the 7 projections (equal trainable
 parameters; QA-BLoRA's count is fixed by its tile, so ``qlora_match`` is QLoRA at the rank with QA-BLoRA's count).
+``qblora_bnb`` is Q-BLoRA with the fast NF4 path switched off (bitsandbytes' own matmul_4bit), to attribute the gain.
 Step time is the median over ``--steps`` timed steps after ``--warmup``; peak memory is measured from the moment the
 model is built. Also: GradApprox's gradient estimation on the NF4 model (time, peak memory), the autograd memory an
 adapter adds to one layer (LoRA vs BLoRA), and inference (prefill and batch-1 decode) of the bf16, NF4 and INT4
@@ -33,10 +34,10 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 import peft_balanced  # noqa: E402
 from peft_balanced.models import LLAMA_PROJECTIONS, quantize_linear_nf4  # noqa: E402
 
-METHODS = ("lora", "qlora", "blora", "qblora", "qablora", "qlora_match", "gradapprox")
+METHODS = ("lora", "qlora", "blora", "qblora", "qblora_bnb", "qablora", "qlora_match", "gradapprox")
 BASE_OF = {  # method -> base format
     "lora": "bf16", "blora": "bf16", "gradapprox": "bf16",
-    "qlora": "nf4", "qblora": "nf4", "qlora_match": "nf4",
+    "qlora": "nf4", "qblora": "nf4", "qblora_bnb": "nf4", "qlora_match": "nf4",
     "qablora": "int4",
 }  # fmt: skip
 LINES: list[str] = []
@@ -94,7 +95,7 @@ def adapter_config(method: str, args, qablora_params: int | None = None):
     if method == "qlora_match":
         per_rank = qablora_params // args.r_match_denominator
         return LoraConfig(r=max(1, round(per_rank)), lora_alpha=2 * args.r, **common)
-    if method in ("blora", "qblora"):
+    if method in ("blora", "qblora", "qblora_bnb"):
         return peft_balanced.BLoRAConfig(r=args.r, balance_factor=args.balance, lora_alpha=2 * args.r, **common)
     if method == "qablora":
         return peft_balanced.QABLoRAConfig(tile=tuple(args.tile), lora_alpha=2.0, **common)
@@ -122,6 +123,8 @@ def train_speed(model, method: str, gc_on: bool, args, qablora_params: int) -> d
     else:
         model.gradient_checkpointing_disable()
     config = adapter_config(method, args, qablora_params)
+    if method == "qblora_bnb":
+        os.environ["PEFT_BALANCED_DISABLE_FAST_NF4"] = "1"
     peft_model = get_peft_model(model, config)
     if args.adapter_dtype == "bf16":
         for param in peft_model.parameters():
@@ -154,6 +157,7 @@ def train_speed(model, method: str, gc_on: bool, args, qablora_params: int) -> d
     del optimizer, batch, loss
     peft_model.unload()
     model.gradient_checkpointing_disable()
+    os.environ.pop("PEFT_BALANCED_DISABLE_FAST_NF4", None)
     row = {
         "method": method,
         "base": BASE_OF[method],

@@ -9,12 +9,14 @@ CUDA tests). The product is ``F.linear`` on that weight, so outputs differ from 
 choosing another kernel (bf16 rounding). The dequantized weight is not kept for the backward: it is recomputed.
 
 The adapter layers use it for bitsandbytes NF4 bases on CUDA when more than :data:`MIN_TOKENS` tokens go through
-(short inputs keep bitsandbytes' inference GEMV). ``PEFT_BALANCED_DISABLE_TRITON=1`` turns it off.
+(short inputs keep bitsandbytes' inference GEMV). ``PEFT_BALANCED_DISABLE_FAST_NF4=1`` (or
+``PEFT_BALANCED_DISABLE_TRITON=1``) turns it off.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -161,5 +163,7 @@ def uses_fast_nf4(module: nn.Module, x: torch.Tensor) -> bool:
     if quant_state is None or not x.is_cuda or getattr(quant_state, "quant_type", None) != "nf4":
         return False
     if getattr(quant_state, "packing_format_for_cpu", False) or x.numel() // x.shape[-1] <= MIN_TOKENS:
+        return False
+    if os.environ.get("PEFT_BALANCED_DISABLE_FAST_NF4", "0") not in ("", "0", "false", "False"):
         return False
     return _triton_available()
