@@ -154,6 +154,7 @@ def train_speed(model, method: str, gc_on: bool, args, qablora_params: int) -> d
         losses.append(loss.item())
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     step_s = statistics.median(times)
+    gpu_s = profile_step(peft_model, optimizer, batch, f"{method}, grad ckpt {gc_on}", args) if args.profile else None
     del optimizer, batch, loss
     peft_model.unload()
     model.gradient_checkpointing_disable()
@@ -169,9 +170,29 @@ def train_speed(model, method: str, gc_on: bool, args, qablora_params: int) -> d
         "peak_gib": gib(peak),
         "loss_first": losses[0],
         "loss_last": losses[-1],
+        "gpu_kernel_s": gpu_s,
     }
     say(json.dumps(row))
     return row
+
+
+def profile_step(model, optimizer, batch, label: str, args) -> float:
+    """Profile one training step; append the top kernels to ``profile.txt``; return the summed kernel time (s)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    with profile(activities=activities) as prof:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+    events = prof.key_averages()
+    kernel_s = sum(e.self_device_time_total for e in events) / 1e6
+    with open(os.path.join(args.out, "profile.txt"), "a") as handle:
+        handle.write(f"\n=== {label}: summed kernel time {kernel_s:.3f} s ===\n")
+        handle.write(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60))
+    return kernel_s
 
 
 def gradapprox_estimation(model, args) -> dict:
@@ -293,6 +314,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--skip", default="", help="comma list of parts to skip: train, estimation, activation, inference"
     )
+    parser.add_argument("--profile", action="store_true", help="profile one step per method into profile.txt")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: checks the harness, not speed")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
@@ -310,13 +332,14 @@ def markdown_table(rows: list[dict], extras: list[dict], args) -> list[str]:
         f"Training, batch {args.batch}x{args.seq}, r={args.r} (BLoRA balance {args.balance}, QA-BLoRA tile "
         f"{args.tile[0]}x{args.tile[1]}), adapters {args.adapter_dtype}, {args.layers} layers:",
         "",
-        "| method | base | grad ckpt | trainable | s/step | tok/s | peak GiB |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| method | base | grad ckpt | trainable | s/step | tok/s | peak GiB | GPU kernel s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['method']} | {row['base']} | {'on' if row['gc'] else 'off'} | {row['trainable'] / 1e6:.2f}M "
-            f"| {row['step_s']:.3f} | {row['tok_s']:.0f} | {row['peak_gib']:.1f} |"
+            f"| {row['step_s']:.3f} | {row['tok_s']:.0f} | {row['peak_gib']:.1f} | "
+            + (f"{row['gpu_kernel_s']:.3f} |" if row["gpu_kernel_s"] is not None else "- |")
         )
     for gc_on in (True, False):
         by = {r["method"]: r for r in rows if r["gc"] == gc_on}

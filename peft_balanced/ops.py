@@ -26,15 +26,19 @@ def check_factor(name: str, factor: object) -> int:
     return factor
 
 
-def pool(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Average consecutive groups of ``factor`` features: ``(..., D) -> (..., D // factor)``."""
+def pool(x: torch.Tensor, factor: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Average consecutive groups of ``factor`` features: ``(..., D) -> (..., D // factor)``.
+
+    With ``dtype``, the input is read as ``dtype`` and the mean computed and returned in it, in one pass (no cast copy
+    of the full-width input).
+    """
     if factor == 1:
-        return x
+        return x if dtype is None else x.to(dtype)
     if x.shape[-1] % factor:
         raise ValueError(
             f"Cannot pool {x.shape[-1]} features by {factor}: {x.shape[-1]} is not a multiple of {factor}."
         )
-    return x.unflatten(-1, (-1, factor)).mean(dim=-1)
+    return x.unflatten(-1, (-1, factor)).mean(dim=-1, dtype=dtype)
 
 
 def expand(z: torch.Tensor, factor: int) -> torch.Tensor:
@@ -42,6 +46,17 @@ def expand(z: torch.Tensor, factor: int) -> torch.Tensor:
     if factor == 1:
         return z
     return z.unsqueeze(-1).expand(*z.shape, factor).flatten(-2)
+
+
+def add_expanded(base: torch.Tensor, z: torch.Tensor, factor: int) -> torch.Tensor:
+    """``base + expand(z, factor)`` in ``base``'s dtype without materializing the expansion.
+
+    ``base: (..., D * factor)``, ``z: (..., D)``. ``z`` is rounded to ``base``'s dtype first, exactly as
+    ``base + expand(z, factor).to(base.dtype)`` would; the backward sums the gradient over each group in one pass.
+    """
+    if factor == 1:
+        return base + z.to(base.dtype)
+    return (base.unflatten(-1, (-1, factor)) + z.to(base.dtype).unsqueeze(-1)).flatten(-2)
 
 
 def expand_blocks(matrix: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

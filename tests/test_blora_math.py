@@ -10,7 +10,7 @@ from tiny import LLAMA_TARGETS, tiny_llama
 from torch import nn
 
 from peft_balanced import BLoRAConfig
-from peft_balanced.ops import expand, expand_blocks, pool
+from peft_balanced.ops import add_expanded, expand, expand_blocks, pool
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
@@ -25,6 +25,26 @@ def test_pool_averages_consecutive_groups():
 def test_expand_repeats_each_feature_in_place():
     z = torch.tensor([[1.0, 2.0]])
     assert torch.equal(expand(z, 3), torch.tensor([[1.0, 1.0, 1.0, 2.0, 2.0, 2.0]]))
+
+
+def test_pool_in_a_wider_dtype_equals_casting_first():
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16)
+    assert pool(x, 2, dtype=torch.float32).dtype == torch.float32
+    assert torch.equal(pool(x, 2, dtype=torch.float32), pool(x.float(), 2))
+
+
+def test_add_expanded_is_bit_identical_to_adding_the_expansion_and_has_the_same_gradients():
+    torch.manual_seed(0)
+    base = torch.randn(4, 5, 24, dtype=torch.bfloat16, requires_grad=True)
+    z = torch.randn(4, 5, 8, requires_grad=True)  # float32 adapter output, expanded by 3
+    fused = add_expanded(base, z, 3)
+    reference = base + expand(z, 3).to(base.dtype)
+    assert torch.equal(fused, reference)
+    grad = torch.randn_like(reference)
+    fused_grads = torch.autograd.grad(fused, (base, z), grad)
+    reference_grads = torch.autograd.grad(reference, (base, z), grad)
+    assert torch.equal(fused_grads[0], reference_grads[0])
+    torch.testing.assert_close(fused_grads[1], reference_grads[1], rtol=1e-2, atol=1e-2)  # bf16 vs fp32 group sum
 
 
 def test_pool_then_small_matrix_equals_block_expanded_matrix():

@@ -222,8 +222,12 @@ class AdditiveAdapterForward:
             result = backend.maybe_clone_base_result(result)
         for name in self.active_adapters:
             if self._holds_adapter(name):
-                result = result + self.adapter_output(name, x).to(result.dtype)
+                result = self.add_adapter_output(result, name, x)
         return result
+
+    def add_adapter_output(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``result + adapter_output(name, x)`` in ``result``'s dtype (layers override it to fuse the addition)."""
+        return result + self.adapter_output(name, x).to(result.dtype)
 
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer's output; bitsandbytes NF4 bases on CUDA go through the faster :func:`nf4_linear`."""

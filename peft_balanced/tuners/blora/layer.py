@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
 
-from ...ops import expand, expand_blocks, pool
+from ...ops import add_expanded, expand, expand_blocks, pool
 from ..common import (
     AdditiveAdapterForward,
     DeltaWeightMerge,
@@ -77,13 +77,25 @@ class BLoRALayer(DeltaWeightMerge, BaseTunerLayer):
         else:
             nn.init.kaiming_uniform_(self.bal_B[adapter_name].weight, a=math.sqrt(5))
 
-    def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """``s · expand_λ(B A pool_λ(dropout(x)))``: ``(..., D_in) -> (..., D_out)`` in the adapter's dtype."""
+    def pooled_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s · B A pool_λ(dropout(x))``: ``(..., D_in) -> (..., D_out/λ)`` in the adapter's dtype."""
         lam = self.balance_factor[adapter_name]
         lora_a, lora_b = self.bal_A[adapter_name], self.bal_B[adapter_name]
-        x = self._cast_input_dtype(x, lora_a.weight.dtype)
-        small = lora_b(lora_a(pool(self.bal_dropout[adapter_name](x), lam)))
-        return expand(small, lam) * self.scaling[adapter_name]
+        dropout = self.bal_dropout[adapter_name]
+        if isinstance(dropout, nn.Identity):  # pool straight from the input's dtype: no full-width cast copy
+            dtype = lora_a.weight.dtype if getattr(self, "cast_input_dtype_enabled", True) else None
+            pooled = pool(x, lam, dtype=dtype)
+        else:
+            pooled = pool(dropout(self._cast_input_dtype(x, lora_a.weight.dtype)), lam)
+        return lora_b(lora_a(pooled)) * self.scaling[adapter_name]
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s · expand_λ(B A pool_λ(dropout(x)))``: ``(..., D_in) -> (..., D_out)`` in the adapter's dtype."""
+        return expand(self.pooled_output(adapter_name, x), self.balance_factor[adapter_name])
+
+    def add_adapter_output(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``result + adapter_output(adapter_name, x)`` without materializing the expanded output."""
+        return add_expanded(result, self.pooled_output(adapter_name, x), self.balance_factor[adapter_name])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Full update ``ΔW = s · expand_blocks(B A, λ, λ) / λ`` of shape ``(D_out, D_in)``, in float32."""

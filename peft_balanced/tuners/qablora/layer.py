@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...ops import expand, expand_blocks, pool
+from ...ops import add_expanded, expand, expand_blocks, pool
 from ...quant import TileInt4Linear
 from ..common import AdditiveAdapterForward, check_adapter_shapes_on_load
 from .config import QABLoRAConfig
@@ -96,12 +96,19 @@ class QABLoRALayer(BaseTunerLayer):
         else:
             nn.init.kaiming_uniform_(h, a=math.sqrt(5))
 
+    def pooled_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s · H pool_λ1(dropout(x))``: ``(..., D_in) -> (..., D_out/λ2)`` in ``H``'s dtype."""
+        h = self.qab_H[adapter_name]
+        pooled = self._cast_input_dtype(pool(self.qab_dropout[adapter_name](x), self.tile[adapter_name][0]), h.dtype)
+        return F.linear(pooled, h) * self.scaling[adapter_name]
+
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``s · expand_λ2(H pool_λ1(dropout(x)))``: ``(..., D_in) -> (..., D_out)`` in ``H``'s dtype."""
-        h = self.qab_H[adapter_name]
-        l1, l2 = self.tile[adapter_name]
-        pooled = self._cast_input_dtype(pool(self.qab_dropout[adapter_name](x), l1), h.dtype)
-        return expand(F.linear(pooled, h) * self.scaling[adapter_name], l2)
+        return expand(self.pooled_output(adapter_name, x), self.tile[adapter_name][1])
+
+    def add_adapter_output(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``result + adapter_output(adapter_name, x)`` without materializing the expanded output."""
+        return add_expanded(result, self.pooled_output(adapter_name, x), self.tile[adapter_name][1])
 
     def get_delta_zero(self, adapter_name: str) -> torch.Tensor:
         """Per-tile zero-point shift ``s · H / λ1``: ``(D_out/λ2, D_in/λ1)``, float32."""
