@@ -155,6 +155,8 @@ def train_speed(model, method: str, gc_on: bool, args, qablora_params: int) -> d
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     step_s = statistics.median(times)
     gpu_s = profile_step(peft_model, optimizer, batch, f"{method}, grad ckpt {gc_on}", args) if args.profile else None
+    if args.sync_debug:
+        find_syncs(peft_model, optimizer, batch, f"{method}, grad ckpt {gc_on}", args)
     del optimizer, batch, loss
     peft_model.unload()
     model.gradient_checkpointing_disable()
@@ -193,6 +195,39 @@ def profile_step(model, optimizer, batch, label: str, args) -> float:
         handle.write(f"\n=== {label}: summed kernel time {kernel_s:.3f} s ===\n")
         handle.write(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60))
     return kernel_s
+
+
+def find_syncs(model, optimizer, batch, label: str, args) -> None:
+    """Append every distinct host-device synchronization of one training step (and where it came from) to sync.txt."""
+    import traceback
+    import warnings
+
+    sync()
+    found: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        stack = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename][-4:]
+        key = f"{str(message).splitlines()[0][:100]} <- " + " <- ".join(
+            f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(stack)
+        )
+        found[key] = found.get(key, 0) + 1
+
+    previous = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = previous
+    with open(os.path.join(args.out, "sync.txt"), "a") as handle:
+        handle.write(f"\n=== {label}: {sum(found.values())} synchronizations ===\n")
+        for key, count in sorted(found.items(), key=lambda kv: -kv[1]):
+            handle.write(f"{count:6d}  {key}\n")
 
 
 def gradapprox_estimation(model, args) -> dict:
@@ -315,6 +350,7 @@ def parse_args(argv=None):
         "--skip", default="", help="comma list of parts to skip: train, estimation, activation, inference"
     )
     parser.add_argument("--profile", action="store_true", help="profile one step per method into profile.txt")
+    parser.add_argument("--sync-debug", action="store_true", help="list host-device syncs of one step in sync.txt")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: checks the harness, not speed")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
