@@ -11,6 +11,7 @@ Writes ``nf4_linear.log`` under ``$OUT`` when set; the table is printed last.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -33,6 +34,24 @@ def nf4_layer(d_in: int, d_out: int):
         dense.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True
     )
     return layer.to("cuda"), dense
+
+
+def adapter_layers(layer, dense, step) -> dict:
+    """Single-layer peft models: LoRA / BLoRA on the bf16 layer, QLoRA / Q-BLoRA on the NF4 one (r=64, λ=2)."""
+    from peft import LoraConfig, get_peft_model
+
+    from peft_balanced import BLoRAConfig
+
+    out = {}
+    for name, base, config in (
+        ("LoRA on bf16", dense, LoraConfig(r=64, lora_alpha=128, target_modules=["0"])),
+        ("BLoRA on bf16", dense, BLoRAConfig(r=64, balance_factor=2, lora_alpha=128, target_modules=["0"])),
+        ("QLoRA on NF4", layer, LoraConfig(r=64, lora_alpha=128, target_modules=["0"])),
+        ("Q-BLoRA on NF4", layer, BLoRAConfig(r=64, balance_factor=2, lora_alpha=128, target_modules=["0"])),
+    ):
+        model = get_peft_model(torch.nn.Sequential(copy.deepcopy(base)), config)
+        out[name] = step(model)
+    return out
 
 
 def measure(fn, iters: int) -> tuple[float, float]:
@@ -99,6 +118,7 @@ def main() -> None:
     import bitsandbytes.functional as bnbF
 
     paths["dequantize only (bitsandbytes)"] = lambda: bnbF.dequantize_4bit(layer.weight.data, state)
+    paths.update(adapter_layers(layer, dense, step))
     lines = [f"device: {torch.cuda.get_device_name()}, tokens {args.tokens}, {args.in_features}->{args.out_features}"]
     lines += ["", "| path | GPU ms / call | host ms / call | syncs |", "|---|---:|---:|---|"]
     for name, fn in paths.items():

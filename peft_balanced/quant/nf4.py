@@ -61,30 +61,32 @@ def _build_kernel():  # pragma: no cover - needs CUDA
         offset_ptr,
         code_ptr,
         out_ptr,
-        n_bytes,
+        numel,
+        n_blocks,
         BLOCKSIZE: tl.constexpr,
         BLOCKSIZE2: tl.constexpr,
         NESTED: tl.constexpr,
-        BLOCK: tl.constexpr,
+        BLOCKS_PER_PROGRAM: tl.constexpr,
     ):
-        # One program: BLOCK packed bytes -> 2 * BLOCK contiguous outputs (high nibble = even element).
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < n_bytes
-        packed = tl.load(q_ptr + offs, mask=ok, other=0).to(tl.int32)
-        block = (2 * offs) // BLOCKSIZE
+        # One program: BLOCKS_PER_PROGRAM quantization blocks; one absmax per block, codes as (blocks, bytes).
+        blocks = tl.program_id(0) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+        block_ok = blocks < n_blocks
         if NESTED:
-            code_a = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + code_a, mask=ok, other=0.0) * tl.load(
-                absmax2_ptr + block // BLOCKSIZE2, mask=ok, other=0.0
+            code_a = tl.load(absmax_ptr + blocks, mask=block_ok, other=0).to(tl.int32)
+            scale = tl.load(code2_ptr + code_a, mask=block_ok, other=0.0) * tl.load(
+                absmax2_ptr + blocks // BLOCKSIZE2, mask=block_ok, other=0.0
             )
             scale = scale + tl.load(offset_ptr)
         else:
-            scale = tl.load(absmax_ptr + block, mask=ok, other=0.0).to(tl.float32)
-        high = tl.load(code_ptr + (packed >> 4), mask=ok, other=0.0) * scale
-        low = tl.load(code_ptr + (packed & 15), mask=ok, other=0.0) * scale
-        out_offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-        values = tl.interleave(high, low).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + out_offs, values, mask=out_offs < 2 * n_bytes)
+            scale = tl.load(absmax_ptr + blocks, mask=block_ok, other=0.0).to(tl.float32)
+        byte_idx = blocks.to(tl.int64)[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+        byte_ok = byte_idx < (numel + 1) // 2
+        packed = tl.load(q_ptr + byte_idx, mask=byte_ok, other=0).to(tl.int32)
+        high = tl.load(code_ptr + (packed >> 4)) * scale[:, None]
+        low = tl.load(code_ptr + (packed & 15)) * scale[:, None]
+        values = tl.interleave(high, low).to(out_ptr.dtype.element_ty)  # high nibble = even element
+        out_idx = blocks.to(tl.int64)[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        tl.store(out_ptr + out_idx, values, mask=out_idx < numel)
 
     return triton, nf4_dequant_kernel
 
@@ -95,30 +97,30 @@ def nf4_dequantize(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype | 
     One Triton kernel on CUDA, the torch reference elsewhere; both bit-identical to bitsandbytes.
     """
     dtype = dtype or quant_state.dtype
-    if not (packed.is_cuda and _triton_available() and quant_state.blocksize % 2 == 0):
+    blocksize = quant_state.blocksize
+    if not (packed.is_cuda and _triton_available() and blocksize % 2 == 0 and blocksize & (blocksize - 1) == 0):
         return nf4_dequantize_reference(packed, quant_state, dtype)
     triton, kernel = _build_kernel()  # pragma: no cover - needs CUDA
-    n_bytes = packed.numel()
     out = torch.empty(quant_state.shape, dtype=dtype, device=packed.device)
+    numel = out.numel()
+    n_blocks = quant_state.absmax.numel()
     nested = bool(quant_state.nested)
     state2 = quant_state.state2 if nested else None
-    absmax2 = state2.absmax if nested else quant_state.absmax
-    code2 = state2.code if nested else quant_state.code
-    offset = quant_state.offset if nested else quant_state.absmax
-    block = 1024
-    kernel[(triton.cdiv(n_bytes, block),)](
+    per_program = max(1, 4096 // blocksize)
+    kernel[(triton.cdiv(n_blocks, per_program),)](
         packed,
         quant_state.absmax,
-        absmax2,
-        code2,
-        offset,
+        state2.absmax if nested else quant_state.absmax,
+        state2.code if nested else quant_state.code,
+        quant_state.offset if nested else quant_state.absmax,
         quant_state.code,
         out,
-        n_bytes,
-        BLOCKSIZE=quant_state.blocksize,
+        numel,
+        n_blocks,
+        BLOCKSIZE=blocksize,
         BLOCKSIZE2=state2.blocksize if nested else 1,
         NESTED=nested,
-        BLOCK=block,
+        BLOCKS_PER_PROGRAM=per_program,
         num_warps=4,
         enable_fp_fusion=False,
     )
@@ -159,10 +161,12 @@ def nf4_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def uses_fast_nf4(module: nn.Module, x: torch.Tensor) -> bool:
     """True when :func:`nf4_linear` should replace ``module``'s own forward for input ``x``."""
-    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
-    if quant_state is None or not x.is_cuda or getattr(quant_state, "quant_type", None) != "nf4":
+    if not x.is_cuda or x.numel() <= MIN_TOKENS * x.shape[-1]:
         return False
-    if getattr(quant_state, "packing_format_for_cpu", False) or x.numel() // x.shape[-1] <= MIN_TOKENS:
+    quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if quant_state is None or getattr(quant_state, "quant_type", None) != "nf4":
+        return False
+    if getattr(quant_state, "packing_format_for_cpu", False):
         return False
     if os.environ.get("PEFT_BALANCED_DISABLE_FAST_NF4", "0") not in ("", "0", "false", "False"):
         return False

@@ -216,10 +216,13 @@ class AdditiveAdapterForward:
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self._base_forward(x, *args, **kwargs)
-        backend = getattr(self, "quantization_backend", None)
-        if backend is not None:
-            result = backend.maybe_clone_base_result(result)
+        if not args and not kwargs and uses_fast_nf4(self.base_layer, x):
+            result = nf4_linear(self.base_layer, x)  # a fresh output: no defensive clone needed
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+            backend = getattr(self, "quantization_backend", None)
+            if backend is not None:
+                result = backend.maybe_clone_base_result(result)
         for name in self.active_adapters:
             if self._holds_adapter(name):
                 result = self.add_adapter_output(result, name, x)
@@ -228,12 +231,6 @@ class AdditiveAdapterForward:
     def add_adapter_output(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
         """``result + adapter_output(name, x)`` in ``result``'s dtype (layers override it to fuse the addition)."""
         return result + self.adapter_output(name, x).to(result.dtype)
-
-    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The base layer's output; bitsandbytes NF4 bases on CUDA go through the faster :func:`nf4_linear`."""
-        if not args and not kwargs and uses_fast_nf4(self.base_layer, x):
-            return nf4_linear(self.base_layer, x)
-        return self.base_layer(x, *args, **kwargs)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
