@@ -67,3 +67,47 @@ def expand_blocks(matrix: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     if cols != 1:
         out = out.repeat_interleave(cols, dim=1)
     return out
+
+
+class _BalancedAdd(torch.autograd.Function):
+    """``base + expand_k_out(s · pool_k_in(x) Wᵀ…)`` as one autograd node (see :func:`add_balanced_adapter`)."""
+
+    @staticmethod
+    def forward(ctx, base, x, scaling, k_in, k_out, *weights):
+        pooled = pool(x, k_in, dtype=weights[0].dtype)
+        hidden = [pooled]
+        for weight in weights:
+            hidden.append(torch.nn.functional.linear(hidden[-1], weight))
+        small = hidden.pop() * scaling
+        ctx.save_for_backward(*hidden, *weights)
+        ctx.scaling, ctx.k_in, ctx.k_out, ctx.x_dtype, ctx.n = scaling, k_in, k_out, x.dtype, len(weights)
+        return add_expanded(base, small, k_out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        hidden, weights = saved[: ctx.n], saved[ctx.n :]
+        grad_small = grad.unflatten(-1, (-1, ctx.k_out)).sum(dim=-1, dtype=weights[-1].dtype) * ctx.scaling
+        grad_weights = [None] * ctx.n
+        for i in reversed(range(ctx.n)):
+            if ctx.needs_input_grad[5 + i]:
+                grad_weights[i] = grad_small.flatten(0, -2).T @ hidden[i].flatten(0, -2)
+            grad_small = grad_small @ weights[i]
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = expand((grad_small / ctx.k_in).to(ctx.x_dtype), ctx.k_in)
+        return grad, grad_x, None, None, None, *grad_weights
+
+
+def add_balanced_adapter(
+    base: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], scaling: float, k_in: int, k_out: int
+) -> torch.Tensor:
+    """``base + expand(s · W_n(… W_1 pool(x)), k_out)`` in one autograd node, in ``base``'s dtype.
+
+    ``x: (..., D_in)`` is pooled by ``k_in`` straight into the weights' dtype, multiplied by ``weights`` in order
+    (BLoRA: ``[A, B]``, QA-BLoRA: ``[H]``), scaled, rounded to ``base``'s dtype and added to ``base: (..., D_out)``
+    without materializing the expansion. Forward values equal the unfused ops; the backward keeps the small
+    activations only (``pool(x)`` and the intermediate products) and sums gradients over groups in the weights'
+    dtype. One node instead of a dozen keeps the per-layer host overhead low.
+    """
+    return _BalancedAdd.apply(base, x, scaling, k_in, k_out, *weights)

@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
 
-from ...ops import add_expanded, expand, expand_blocks, pool
+from ...ops import add_balanced_adapter, add_expanded, expand, expand_blocks, pool
 from ..common import (
     AdditiveAdapterForward,
     DeltaWeightMerge,
@@ -94,8 +94,13 @@ class BLoRALayer(DeltaWeightMerge, BaseTunerLayer):
         return expand(self.pooled_output(adapter_name, x), self.balance_factor[adapter_name])
 
     def add_adapter_output(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """``result + adapter_output(adapter_name, x)`` without materializing the expanded output."""
-        return add_expanded(result, self.pooled_output(adapter_name, x), self.balance_factor[adapter_name])
+        """``result + adapter_output(adapter_name, x)`` without materializing the expanded output (one autograd node
+        when there is no dropout)."""
+        lam = self.balance_factor[adapter_name]
+        if isinstance(self.bal_dropout[adapter_name], nn.Identity) and getattr(self, "cast_input_dtype_enabled", True):
+            weights = [self.bal_A[adapter_name].weight, self.bal_B[adapter_name].weight]
+            return add_balanced_adapter(result, x, weights, self.scaling[adapter_name], lam, lam)
+        return add_expanded(result, self.pooled_output(adapter_name, x), lam)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Full update ``ΔW = s · expand_blocks(B A, λ, λ) / λ`` of shape ``(D_out, D_in)``, in float32."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...ops import add_expanded, expand, expand_blocks, pool
+from ...ops import add_balanced_adapter, add_expanded, expand, expand_blocks, pool
 from ...quant import TileInt4Linear
 from ..common import AdditiveAdapterForward, check_adapter_shapes_on_load
 from .config import QABLoRAConfig
@@ -107,8 +107,13 @@ class QABLoRALayer(BaseTunerLayer):
         return expand(self.pooled_output(adapter_name, x), self.tile[adapter_name][1])
 
     def add_adapter_output(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """``result + adapter_output(adapter_name, x)`` without materializing the expanded output."""
-        return add_expanded(result, self.pooled_output(adapter_name, x), self.tile[adapter_name][1])
+        """``result + adapter_output(adapter_name, x)`` without materializing the expanded output (one autograd node
+        when there is no dropout; it pools in ``H``'s dtype)."""
+        l1, l2 = self.tile[adapter_name]
+        if isinstance(self.qab_dropout[adapter_name], nn.Identity) and getattr(self, "cast_input_dtype_enabled", True):
+            weights = [self.qab_H[adapter_name]]
+            return add_balanced_adapter(result, x, weights, self.scaling[adapter_name], l1, l2)
+        return add_expanded(result, self.pooled_output(adapter_name, x), l2)
 
     def get_delta_zero(self, adapter_name: str) -> torch.Tensor:
         """Per-tile zero-point shift ``s · H / λ1``: ``(D_out/λ2, D_in/λ1)``, float32."""
