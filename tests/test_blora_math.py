@@ -165,3 +165,12 @@ def test_delta_weight_is_constant_on_balance_factor_tiles():
     delta = adapted.base_model.model.proj.get_delta_weight("default")
     tiles = delta.reshape(3, 4, 2, 4)
     assert torch.equal(tiles, tiles[:, :1, :, :1].expand_as(tiles))
+
+
+def test_blora_layer_output_comes_from_one_fused_adapter_node():
+    model = get_peft_model(
+        tiny_llama(), BLoRAConfig(r=4, balance_factor=2, target_modules=["q_proj"], init_weights=False)
+    )
+    layer = next(m for m in model.modules() if hasattr(m, "bal_A"))
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    assert "BalancedAdd" in type(layer(x).grad_fn).__name__

@@ -199,7 +199,8 @@ class DequantizingMergeMixin:
 class AdditiveAdapterForward:
     """Forward of a tuner layer whose adapters add ``adapter_output(name, x)`` to the base layer's output.
 
-    Put it before ``nn.Module`` in the bases. Handles disabled and merged adapters and mixed batches
+    The layer implements ``adapter_output(name, x)`` (used for mixed batches) and ``add_adapter_output(result, name,
+    x)`` (``result + adapter_output``, which a layer may fuse). Put it before ``nn.Module`` in the bases. Handles disabled and merged adapters and mixed batches
     (``adapter_names[i]`` for sample ``i``; ``"__base__"``: no adapter).
     """
 
@@ -227,10 +228,6 @@ class AdditiveAdapterForward:
             if self._holds_adapter(name):
                 result = self.add_adapter_output(result, name, x)
         return result
-
-    def add_adapter_output(self, result: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``result + adapter_output(name, x)`` in ``result``'s dtype (layers override it to fuse the addition)."""
-        return result + self.adapter_output(name, x).to(result.dtype)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any

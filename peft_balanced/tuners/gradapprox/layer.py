@@ -157,6 +157,10 @@ class GradApproxLayer(DeltaWeightMerge, BaseTunerLayer):
         delta = F.linear(F.linear(x, a), b) - F.linear(F.linear(x, a0), b0)
         return delta * self.scaling[adapter_name]
 
+    def add_adapter_output(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``result + adapter_output(adapter_name, x)`` in ``result``'s dtype."""
+        return result + self.adapter_output(adapter_name, x).to(result.dtype)
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Full update ``ΔW = s · (B A − B0 A0)`` of shape ``(D_out, D_in)``, in float32."""
         a, b = self.gax_A[adapter_name].weight.detach().float(), self.gax_B[adapter_name].weight.detach().float()
