@@ -8,8 +8,10 @@ peft LoRA on bf16, peft QLoRA on bitsandbytes NF4 (double quant, bf16 compute), 
 QA-BLoRA on the INT4 tile format and GradApprox on bf16, rank ``--r`` on the 7 projections (equal trainable
 parameters; QA-BLoRA's count is fixed by its tile, so ``qlora_match`` is QLoRA at the rank with QA-BLoRA's count).
 ``qblora_bnb`` is Q-BLoRA with the fast NF4 path switched off (bitsandbytes' own matmul_4bit), to attribute the gain.
-Step time is the median over ``--steps`` timed steps after ``--warmup``; peak memory is measured from the moment the
-model is built. Also: GradApprox's gradient estimation on the NF4 model (time, peak memory), the autograd memory an
+Methods on the same kind of machine state are measured in interleaved rounds (one step of each per round, the order
+rotating; every method has its own model), so slow drifts of the machine hit all alike; step time is the median over
+``--steps`` rounds after ``--warmup``. Peak memory of a method = its own resident memory (weights, adapter,
+optimizer state) + the transient peak of its steps. Also: GradApprox's gradient estimation on the NF4 model (time, peak memory), the autograd memory an
 adapter adds to one layer (LoRA vs BLoRA), and inference (prefill and batch-1 decode) of the bf16, NF4 and INT4
 models. Adapters use peft's default dtype (float32 weights); ``--adapter-dtype bf16`` casts them like TRL does.
 Writes ``speed.json`` and ``speed.log`` under ``--out`` (default ``$OUT`` or ``.``); the table is printed last.
@@ -116,66 +118,132 @@ def random_batch(args, generator: torch.Generator) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-def train_speed(model, method: str, gc_on: bool, args, qablora_params: int) -> dict:
-    """Median step time, tok/s and peak memory of ``method`` on ``model`` (wrapped, measured, then unloaded)."""
-    if gc_on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
-    config = adapter_config(method, args, qablora_params)
-    if method == "qblora_bnb":
-        os.environ["PEFT_BALANCED_DISABLE_FAST_NF4"] = "1"
-    peft_model = get_peft_model(model, config)
-    if args.adapter_dtype == "bf16":
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.data = param.data.to(torch.bfloat16)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
-    generator = torch.Generator().manual_seed(1)
-    batch = random_batch(args, generator)
-    peft_model.train()
+GROUPS = (("lora", "blora", "gradapprox"), ("qlora", "qblora", "qblora_bnb", "qlora_match", "qablora"))
+
+
+class Trainee:
+    """One adapted model with its optimizer; its own resident memory is the allocation growth while building it."""
+
+    def __init__(self, method: str, args, qablora_params: int) -> None:
+        before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        self.method, self.args = method, args
+        self.model = get_peft_model(build_model(args, BASE_OF[method]), adapter_config(method, args, qablora_params))
+        if args.adapter_dtype == "bf16":
+            for param in self.model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.to(torch.bfloat16)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in params)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-5)
+        self.model.train()
+        self.batch = random_batch(args, torch.Generator().manual_seed(1))
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.transient = 0
+        self.before = before
+
+    def set_checkpointing(self, on: bool) -> None:
+        base = self.model.get_base_model()
+        if on:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_disable()
+        self.times, self.losses, self.transient = [], [], 0
+
+    def step(self, timed: bool) -> None:
+        if self.method == "qblora_bnb":
+            os.environ["PEFT_BALANCED_DISABLE_FAST_NF4"] = "1"
+        try:
+            sync()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+            start = time.perf_counter()
+            loss = self.model(**self.batch).loss
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            sync()
+            elapsed = time.perf_counter() - start
+        finally:
+            os.environ.pop("PEFT_BALANCED_DISABLE_FAST_NF4", None)
+        if torch.cuda.is_available():
+            self.transient = max(self.transient, torch.cuda.max_memory_allocated() - allocated)
+        if timed:
+            self.times.append(elapsed)
+        self.losses.append(loss.item())
+
+    def row(self, gc_on: bool, resident: int, gpu_s: float | None) -> dict:
+        step_s = statistics.median(self.times)
+        return {
+            "method": self.method,
+            "base": BASE_OF[self.method],
+            "gc": gc_on,
+            "trainable": self.trainable,
+            "step_s": step_s,
+            "step_s_min": min(self.times),
+            "step_s_max": max(self.times),
+            "tok_s": self.args.batch * self.args.seq / step_s,
+            "resident_gib": gib(resident),
+            "peak_gib": gib(resident + self.transient),
+            "loss_first": self.losses[0],
+            "loss_last": self.losses[-1],
+            "gpu_kernel_s": gpu_s,
+        }
+
+
+def train_group(methods: list[str], gc_settings: list[bool], args, qablora_params: int) -> list[dict]:
+    """Step time of every method in the group, measured in interleaved rounds (one step of each method per round,
+    the order rotating) so that drifts of the machine hit every method alike; medians over ``--steps`` rounds."""
+    trainees = [Trainee(method, args, qablora_params) for method in methods]
+    rows = []
+    for gc_on in gc_settings:
+        for trainee in trainees:
+            trainee.set_checkpointing(gc_on)
+        resident = {}
+        for round_index in range(args.warmup + args.steps):
+            shift = round_index % len(trainees)
+            for trainee in trainees[shift:] + trainees[:shift]:
+                trainee.step(timed=round_index >= args.warmup)
+            if round_index == 0:  # optimizer states exist now
+                resident = {t.method: own_resident(t, trainees) for t in trainees}
+        for trainee in trainees:
+            label = f"{trainee.method}, grad ckpt {gc_on}"
+            gpu_s = (
+                profile_step(trainee.model, trainee.optimizer, trainee.batch, label, args) if args.profile else None
+            )
+            if args.sync_debug:
+                find_syncs(trainee.model, trainee.optimizer, trainee.batch, label, args)
+            rows.append(trainee.row(gc_on, resident[trainee.method], gpu_s))
+            say(json.dumps(rows[-1]))
+    del trainees
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    resident = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    times, losses = [], []
-    for step in range(args.warmup + args.steps):
-        sync()
-        start = time.perf_counter()
-        loss = peft_model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    step_s = statistics.median(times)
-    gpu_s = profile_step(peft_model, optimizer, batch, f"{method}, grad ckpt {gc_on}", args) if args.profile else None
-    if args.sync_debug:
-        find_syncs(peft_model, optimizer, batch, f"{method}, grad ckpt {gc_on}", args)
-    del optimizer, batch, loss
-    peft_model.unload()
-    model.gradient_checkpointing_disable()
-    os.environ.pop("PEFT_BALANCED_DISABLE_FAST_NF4", None)
-    row = {
-        "method": method,
-        "base": BASE_OF[method],
-        "gc": gc_on,
-        "trainable": trainable,
-        "step_s": step_s,
-        "tok_s": args.batch * args.seq / step_s,
-        "resident_gib": gib(resident),
-        "peak_gib": gib(peak),
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "gpu_kernel_s": gpu_s,
-    }
-    say(json.dumps(row))
-    return row
+    return rows
+
+
+def own_resident(trainee: Trainee, trainees: list[Trainee]) -> int:
+    """Bytes held by ``trainee``'s model, adapter and optimizer state (parameters, buffers, optimizer tensors)."""
+    if not torch.cuda.is_available():
+        return 0
+    seen: set[int] = set()
+    total = 0
+    tensors = list(trainee.model.parameters()) + list(trainee.model.buffers())
+    tensors += [v for state in trainee.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen and tensor.is_cuda:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    for module in trainee.model.modules():  # bitsandbytes keeps absmax / codes on the weight's quant_state
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            for tensor in (state.absmax, state.code, *(() if state.state2 is None else (state.state2.absmax,))):
+                if tensor.data_ptr() not in seen:
+                    seen.add(tensor.data_ptr())
+                    total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def profile_step(model, optimizer, batch, label: str, args) -> float:
@@ -416,21 +484,18 @@ def main(argv=None) -> None:
         say(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows, extras = [], []
     qablora_params = qablora_param_count(args)
+    if "train" not in skip:
+        for group in GROUPS:
+            todo = [m for m in group if m in methods]
+            if todo:
+                rows += train_group(todo, gc_settings, args, qablora_params)
     for base in ("bf16", "int4", "nf4"):
-        todo = [m for m in methods if BASE_OF[m] == base]
-        wants_inference = "inference" not in skip
-        if not todo and not wants_inference:
+        if {"inference", "estimation"} <= skip or (base != "nf4" and "inference" in skip):
             continue
-        start = time.perf_counter()
         model = build_model(args, base)
-        say(f"built {base} model in {time.perf_counter() - start:.1f} s")
-        if "train" not in skip:
-            for gc_on in gc_settings:
-                for method in todo:
-                    rows.append(train_speed(model, method, gc_on, args, qablora_params))
         if base == "nf4" and "estimation" not in skip:
             extras.append(gradapprox_estimation(model, args))
-        if wants_inference:
+        if "inference" not in skip:
             extras.append(inference_speed(model, base, args))
         del model
         gc.collect()
