@@ -338,20 +338,22 @@ def adapter_activation_bytes(args) -> list[dict]:
         config.target_modules = ["0"]
         wrapped = get_peft_model(layer, config)
         x = torch.randn(tokens, d_in, device=args.device, dtype=torch.bfloat16, requires_grad=True)
-        rows.append({"what": "adapter_activation", "method": method, "bytes": saved_bytes(wrapped, x, exclude=x)})
+        keep = [x, *wrapped.parameters()]  # inputs and weights are not activations
+        rows.append({"what": "adapter_activation", "method": method, "bytes": saved_bytes(wrapped, x, exclude=keep)})
         wrapped.unload()
     for row in rows:
         say(json.dumps(row))
     return rows
 
 
-def saved_bytes(module, x: torch.Tensor, exclude: torch.Tensor) -> int:
-    """Bytes of distinct storages autograd saves during ``module(x)``, not counting ``exclude``'s storage."""
+def saved_bytes(module, x: torch.Tensor, exclude: list[torch.Tensor]) -> int:
+    """Bytes of distinct storages autograd saves during ``module(x)``, not counting the storages of ``exclude``."""
     storages: dict[int, int] = {}
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
 
     def pack(tensor: torch.Tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() != exclude.untyped_storage().data_ptr():
+        if storage.data_ptr() not in excluded:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
