@@ -37,6 +37,7 @@ __all__ = [
     "make_batch",
     "make_splits",
     "make_task",
+    "tokenize_choice",
     "tokenize_example",
 ]
 
@@ -333,30 +334,63 @@ def _split_context(prompt: str, choice: str) -> tuple[str, str]:
     return context, prompt[len(context) :] + choice
 
 
+def tokenize_choice(tokenizer, prompt: str, choice: str, max_length: int | None = None) -> dict[str, list[int]]:
+    """Tokens of ``prompt`` followed by ``choice``, as :func:`choice_accuracy` scores them; the prompt is labelled -100.
+
+    The prompt's trailing spaces move into the continuation (so that BPE merges them with the choice), a BOS token
+    is prepended when the tokenizer adds one, and an empty context becomes one BOS (or pad) token. Training on
+    ``tokenize_choice(tok, ex["prompt"], ex["target"])`` therefore teaches exactly the tokens that are scored.
+    ``max_length`` drops context tokens from the left (the continuation is always kept whole).
+    Returns ``input_ids``, ``attention_mask`` and ``labels``.
+    """
+    context, continuation = _split_context(prompt, choice)
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        ctx = [tokenizer.bos_token_id, *ctx]
+    if not ctx:
+        ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else _pad_id(tokenizer)]
+    if max_length is not None and len(ctx) + len(cont) > max_length:
+        if len(cont) >= max_length:
+            raise ValueError(f"the continuation has {len(cont)} tokens; max_length={max_length} leaves no context")
+        ctx = ctx[len(ctx) + len(cont) - max_length :]
+    ids = ctx + cont
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(ctx) + cont}
+
+
 @torch.no_grad()
 def _choice_scores(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, normalize: str) -> list[float]:
+    """Summed log-probability of each ``(prompt, choice)`` continuation, divided as ``normalize`` says.
+
+    Pairs are batched in order of length (little padding), left-padded so that every continuation ends at the last
+    column; the vocabulary projection runs only over the trailing window that holds continuations, and each batch
+    synchronizes with the device once.
+    """
     device = _model_device(model)
     pad = _pad_id(tokenizer)
-    scores: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        feats, spans = [], []
-        for context, continuation in pairs[start : start + batch_size]:
-            ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-            cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-            if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-                ctx = [tokenizer.bos_token_id, *ctx]
-            if not ctx:
-                ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad]
-            feats.append({"input_ids": ctx + cont})
-            spans.append((len(ctx), len(cont), len(continuation)))
-        batch = collate(feats, pad)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        logprobs = torch.log_softmax(logits.logits.float(), dim=-1)
-        for row, (n_ctx, n_cont, n_chars) in enumerate(spans):
-            targets = batch["input_ids"][row, n_ctx : n_ctx + n_cont].to(device)
-            picked = logprobs[row, n_ctx - 1 : n_ctx + n_cont - 1].gather(-1, targets[:, None]).sum().item()
-            denom = {"tokens": max(n_cont, 1), "chars": max(n_chars, 1), "none": 1}[normalize]
-            scores.append(picked / denom)
+    feats = [tokenize_choice(tokenizer, prompt, choice) for prompt, choice in pairs]
+    chars = [len(_split_context(prompt, choice)[1]) for prompt, choice in pairs]
+    order = sorted(range(len(feats)), key=lambda i: -len(feats[i]["input_ids"]))
+    scores = [0.0] * len(feats)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([feats[i] for i in rows], pad, "left").items()}
+        labels, mask = batch["labels"], batch["attention_mask"]
+        window = max(int((labels != IGNORE_INDEX).sum(1).max()), 1)  # longest continuation in the batch
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            logits_to_keep=window + 1,
+        ).logits[:, -window - 1 : -1]
+        targets = labels[:, -window:]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        picked = logprobs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        sums = torch.where(targets != IGNORE_INDEX, picked, 0.0).sum(1).tolist()
+        for i, total in zip(rows, sums, strict=True):
+            n_cont = sum(label != IGNORE_INDEX for label in feats[i]["labels"])
+            denom = {"tokens": max(n_cont, 1), "chars": max(chars[i], 1), "none": 1}[normalize]
+            scores[i] = total / denom
     return scores
 
 

@@ -185,3 +185,24 @@ def test_choice_accuracy_picks_the_most_likely_choice(tmp_path, normalize):
     assert preds == expected
     assert acc == pytest.approx(sum(p == ex["answer"] for p, ex in zip(preds, examples, strict=True)) / 6)
     assert data.choice_accuracy(model, tokenizer, examples, batch_size=1, normalize=normalize) == pytest.approx(acc)
+
+
+def _text(tokenizer, ids) -> str:
+    return "".join(tokenizer.convert_ids_to_tokens(ids))
+
+
+def test_tokenize_choice_labels_only_the_continuation_with_the_prompt_space():
+    tokenizer = tiny_tokenizer()
+    features = data.tokenize_choice(tokenizer, "Q: sky? A: ", "blue")
+    labelled = [t for t, label in zip(features["input_ids"], features["labels"], strict=True) if label != -100]
+    assert _text(tokenizer, features["input_ids"]) == "Q: sky? A: blue"
+    assert _text(tokenizer, labelled) == " blue"
+
+
+def test_tokenize_choice_truncates_the_context_from_the_left():
+    tokenizer = tiny_tokenizer()
+    features = data.tokenize_choice(tokenizer, "0123456789 A: ", "yes", max_length=9)
+    assert _text(tokenizer, features["input_ids"]) == "89 A: yes"
+    assert features["labels"][-4:] == features["input_ids"][-4:]
+    with pytest.raises(ValueError, match="max_length=3 leaves no context"):
+        data.tokenize_choice(tokenizer, "Q A: ", "yes", max_length=3)
