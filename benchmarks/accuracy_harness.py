@@ -196,9 +196,12 @@ def batch_schedule(n_rows: int, steps: int, batch_size: int, seed: int) -> list[
 
 
 def make_train_batch(rows: list[dict], indices: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Left-padded batch (answers right-aligned) with position ids that follow the attention mask."""
-    batch = data.collate([rows[i]["features"] for i in indices], pad_id, "left")
-    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    """Right-padded batch (padding: attention 0, label -100).
+
+    Not left-padded: on CUDA a left-padded position attends to no key at all, its bf16 attention output is NaN, and
+    although no loss reaches it, the NaN spreads into the weight gradients (LoRA's loss was NaN by step 25).
+    """
+    batch = data.collate([rows[i]["features"] for i in indices], pad_id, "right")
     return {k: v.to(device) for k, v in batch.items()}
 
 
