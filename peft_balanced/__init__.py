@@ -7,7 +7,7 @@
 """
 
 from .models import load_default_model
-from .quant import TileInt4Config, TileInt4Linear, quantize_model
+from .quant import TileInt4Config, TileInt4Linear, export_gguf, quantize_model
 from .registry import register, reserve_owned_types
 from .tuners.blora import BLoRAConfig, BLoRALayer, BLoRALinear, BLoRAModel
 from .tuners.gradapprox import GradApproxConfig, GradApproxInitCallback, GradApproxModel, init_gradapprox
@@ -34,6 +34,7 @@ __all__ = [
     "TileInt4Config",
     "TileInt4Linear",
     "__version__",
+    "export_gguf",
     "init_gradapprox",
     "load_default_model",
     "quantize_model",

@@ -26,10 +26,13 @@ class OneLinear(nn.Module):
         return self.proj(x)
 
 
-def one_layer(tile=(4, 8), d_in=32, d_out=16, bias=False, scale_dtype="float32", seed=0, **config) -> nn.Module:
-    """A single TileInt4Linear ``proj`` with a random (``init_weights=False``) QA-BLoRA adapter."""
+def one_layer(
+    tile=(4, 8), d_in=32, d_out=16, bias=False, scale_dtype="float32", zero_dtype=None, seed=0, **config
+) -> nn.Module:
+    """A single TileInt4Linear ``proj`` with a random (``init_weights=False``) QA-BLoRA adapter; by default its zero
+    points are in the scale's dtype."""
     torch.manual_seed(seed)
-    model = quantize_model(OneLinear(d_in, d_out, bias), tile=tile, scale_dtype=scale_dtype)
+    model = quantize_model(OneLinear(d_in, d_out, bias), tile=tile, scale_dtype=scale_dtype, zero_dtype=zero_dtype)
     kwargs = dict(tile=tile, lora_alpha=2.0, target_modules=["proj"], init_weights=False)
     kwargs.update(config)
     return get_peft_model(model, QABLoRAConfig(**kwargs))
@@ -136,14 +139,16 @@ def test_gradients_reach_only_h():
             assert not param.requires_grad and param.grad is None, name
 
 
-def test_merge_adds_s_h_over_l1_to_each_tile_zero_point_in_one_rounding():
-    adapted = one_layer(tile=(4, 8), scale_dtype="float16")
+@pytest.mark.parametrize(("scale_dtype", "zero_dtype"), [("float16", "float16"), ("float16", "float32")])
+def test_merge_adds_s_h_over_l1_to_each_tile_zero_point_in_one_rounding(scale_dtype, zero_dtype):
+    adapted = one_layer(tile=(4, 8), scale_dtype=scale_dtype, zero_dtype=zero_dtype)
     layer = layer_of(adapted)
-    zero = layer.get_base_layer().zero.clone()
+    zero, scale = layer.get_base_layer().zero.clone(), layer.get_base_layer().scale.clone()
     adapted.merge_adapter()
-    expected = (zero.float() + 2.0 * layer.qab_H["default"].detach() / 4).to(torch.float16)
+    expected = (zero.float() + 2.0 * layer.qab_H["default"].detach() / 4).to(getattr(torch, zero_dtype))
     assert isinstance(layer.get_base_layer(), TileInt4Linear)
     assert torch.equal(layer.get_base_layer().zero, expected)
+    assert torch.equal(layer.get_base_layer().scale, scale)  # alpha never changes
 
 
 @settings(max_examples=60, deadline=None)

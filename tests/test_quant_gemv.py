@@ -150,3 +150,16 @@ def test_cuda_forward_routes_few_tokens_to_the_fused_kernel_with_input_gradient(
     monkeypatch.setenv("PEFT_BALANCED_DISABLE_TRITON", "1")
     layer(torch.randn(1, 512, device="cuda", dtype=torch.bfloat16))
     assert calls == [t for t in token_counts if t <= limit]
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_cuda_fused_kernel_and_dequantize_handle_fp32_zero_points_with_fp16_scales(tokens):
+    _needs_triton()  # the default of quantize_model since zero_dtype exists: fp16 alpha, fp32 beta
+    weight = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.05
+    packed, scale, zero = (t.cuda() for t in quantize_tiles(weight, (4, 8), torch.float16, zero_dtype=torch.float32))
+    assert zero.dtype == torch.float32
+    reference = dequantize_tiles(packed, scale, zero, (4, 8), torch.float64)
+    assert torch.equal(kernels.triton_dequantize_tiles(packed, scale, zero, (4, 8), torch.float32), reference.float())
+    x = torch.randn(tokens, 512, device="cuda").to(torch.bfloat16)
+    y = gemv.tile_int4_gemv(x, packed, scale, zero, (4, 8), None)
+    assert _rel(y, x.double() @ reference.T) < 1e-2

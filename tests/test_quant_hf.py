@@ -91,7 +91,19 @@ def test_config_round_trips_through_json():
     restored = hf_auto.AutoQuantizationConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert isinstance(restored, TileInt4Config)
     assert restored.to_dict() == config.to_dict()
-    assert restored.tile == (8, 8) and restored.scale_dtype == "bfloat16"
+    assert restored.tile == (8, 8) and restored.scale_dtype == "bfloat16" and restored.zero_dtype == "float32"
+
+
+def test_config_saved_without_zero_dtype_means_zero_points_in_the_scale_dtype():
+    old = {"quant_method": "tile_int4", "tile": [4, 8], "skip_modules": ["lm_head"], "scale_dtype": "float16"}
+    assert hf_auto.AutoQuantizationConfig.from_dict(old).zero_dtype == "float16"
+    assert TileInt4Config(scale_dtype="bfloat16", zero_dtype=None).zero_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(("zero_dtype", "bits"), [("float32", 5.5), ("float16", 5.0)])
+def test_quantizer_element_size_counts_scale_and_zero_bits(zero_dtype, bits):
+    quantizer = TileInt4HfQuantizer(TileInt4Config(tile=(4, 8), zero_dtype=zero_dtype), pre_quantized=False)
+    assert quantizer.quantized_element_size == bits / 8
 
 
 def test_config_rejects_bad_tile():
@@ -179,6 +191,19 @@ def test_quantize_model_output_saves_and_reloads_bit_exact(tmp_path, tokens):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert reloaded.config.quantization_config.tile == (8, 8)
     assert reloaded.model.layers[0].mlp.up_proj.scale.dtype == torch.bfloat16
+    assert reloaded.model.layers[0].mlp.up_proj.zero.dtype == torch.float32
+    _assert_same_quant_state(_quant_state(reloaded), _quant_state(model))
+    assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+
+
+def test_checkpoint_saved_before_zero_dtype_existed_reloads_bit_exact(tmp_path, tokens):
+    model = quantize_model(_tiny_llama(), tile=(4, 8), scale_dtype="float16", zero_dtype=None)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["quantization_config"]["zero_dtype"]  # as written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.model.layers[0].mlp.up_proj.zero.dtype == torch.float16
     _assert_same_quant_state(_quant_state(reloaded), _quant_state(model))
     assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
 

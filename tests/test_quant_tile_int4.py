@@ -142,13 +142,34 @@ def test_bad_scale_dtype_raises():
         quantize_tiles(_weight(), (4, 8), torch.int8)
 
 
+def test_bad_zero_dtype_raises_naming_zero_dtype():
+    with pytest.raises(ValueError, match=r"zero_dtype must be float16, bfloat16 or float32.*int8"):
+        quantize_tiles(_weight(), (4, 8), torch.float16, zero_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+def test_zero_points_in_fp32_with_16_bit_scales_stay_within_half_a_step(scale_dtype):
+    weight = _weight()
+    weight[5, :] += 3.0
+    packed, scale, zero = quantize_tiles(weight, (4, 8), scale_dtype, zero_dtype="float32")
+    assert scale.dtype == scale_dtype and zero.dtype == torch.float32
+    assert torch.equal(zero, weight.reshape(8, 8, 32, 4).amin(dim=(1, 3)))  # fp32 beta is the exact tile minimum
+    err = (dequantize_tiles(packed, scale, zero, (4, 8)) - weight).abs()
+    assert bool((err <= _expand(scale.float(), (4, 8)) / 2 * (1 + 1e-5) + 1e-6 * weight.abs()).all())
+
+
+def test_zero_dtype_defaults_to_the_scale_dtype_in_the_format_functions():
+    assert quantize_tiles(_weight(), (4, 8), torch.bfloat16)[2].dtype == torch.bfloat16
+    assert TileInt4Linear(128, 64, scale_dtype=torch.float16).zero.dtype == torch.float16
+
+
 # ---------------------------------------------------------------- TileInt4Linear
 
 
-def _layer(bias=True, tile=(4, 8), scale_dtype=torch.float16):
+def _layer(bias=True, tile=(4, 8), scale_dtype=torch.float16, zero_dtype=None):
     torch.manual_seed(0)
     linear = nn.Linear(128, 64, bias=bias)
-    return linear, TileInt4Linear.from_linear(linear, tile, scale_dtype)
+    return linear, TileInt4Linear.from_linear(linear, tile, scale_dtype, zero_dtype=zero_dtype)
 
 
 def test_forward_equals_f_linear_with_dequantized_weight():
@@ -193,16 +214,19 @@ def test_buffers_are_persistent_with_documented_shapes():
 
 
 @pytest.mark.parametrize(
-    ("tile", "scale_dtype", "bits"),
+    ("tile", "scale_dtype", "zero_dtype", "bits"),
     [
-        ((4, 8), torch.float16, 5.0),
-        ((8, 8), torch.float16, 4.5),
-        ((4, 8), torch.bfloat16, 5.0),
-        ((4, 8), torch.float32, 6.0),
+        ((4, 8), torch.float16, None, 5.0),
+        ((8, 8), torch.float16, None, 4.5),
+        ((4, 8), torch.bfloat16, None, 5.0),
+        ((4, 8), torch.float32, None, 6.0),
+        ((4, 8), torch.float16, torch.float32, 5.5),
+        ((8, 8), torch.float16, torch.float32, 4.75),
+        ((32, 1), torch.float16, torch.float16, 5.0),
     ],
 )
-def test_bits_per_weight(tile, scale_dtype, bits):
-    _, layer = _layer(tile=tile, scale_dtype=scale_dtype)
+def test_bits_per_weight(tile, scale_dtype, zero_dtype, bits):
+    _, layer = _layer(tile=tile, scale_dtype=scale_dtype, zero_dtype=zero_dtype)
     assert layer.bits_per_weight() == bits
 
 
@@ -239,6 +263,13 @@ def test_dtype_cast_of_the_module_keeps_quantized_state_bit_exact():
     assert list(layer.state_dict()) == ["qweight", "scale", "zero", "bias"]
 
 
+def test_dtype_cast_keeps_fp32_zero_points_fp32():
+    _, layer = _layer(zero_dtype=torch.float32)
+    zero = layer.zero.clone()
+    layer.half()
+    assert layer.zero.dtype == torch.float32 and torch.equal(layer.zero, zero)
+
+
 # ---------------------------------------------------------------- quantize_model
 
 
@@ -255,6 +286,14 @@ def test_quantize_model_replaces_linears_in_place_and_skips_lm_head():
     assert quantize_model(model) is model
     assert isinstance(model.up, TileInt4Linear) and isinstance(model.down, TileInt4Linear)
     assert type(model.lm_head) is nn.Linear
+
+
+def test_quantize_model_defaults_to_fp16_scales_and_fp32_zero_points():
+    model = quantize_model(_Block())
+    assert model.up.scale.dtype == torch.float16 and model.up.zero.dtype == torch.float32
+    assert model.up.bits_per_weight() == 5.5
+    kept = quantize_model(_Block(), scale_dtype="bfloat16", zero_dtype=None)
+    assert kept.up.scale.dtype == kept.up.zero.dtype == torch.bfloat16
 
 
 def test_quantize_model_skip_modules_match_by_name_suffix():

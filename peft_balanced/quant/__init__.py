@@ -5,6 +5,7 @@ Importing this package registers the ``"tile_int4"`` quantization method with tr
 reloads with a plain ``from_pretrained(path)``.
 """
 
+from .export import export_gguf
 from .hf import TileInt4Config, TileInt4HfQuantizer, register
 from .linear import TileInt4Linear, quantize_model
 from .tile_int4 import dequantize_tiles, pack_int4, quantize_tiles, unpack_int4
@@ -16,6 +17,7 @@ __all__ = [
     "TileInt4HfQuantizer",
     "TileInt4Linear",
     "dequantize_tiles",
+    "export_gguf",
     "pack_int4",
     "quantize_model",
     "quantize_tiles",

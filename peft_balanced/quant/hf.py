@@ -22,7 +22,14 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .linear import TileInt4Linear, _set_submodule, iter_quantizable_linears
-from .tile_int4 import check_tile, dtype_name, quantize_tiles, resolve_scale_dtype
+from .tile_int4 import (
+    DEFAULT_ZERO_DTYPE,
+    check_tile,
+    dtype_name,
+    quantize_tiles,
+    resolve_scale_dtype,
+    resolve_zero_dtype,
+)
 
 __all__ = ["QUANT_METHOD", "TileInt4Config", "TileInt4HfQuantizer", "attach_quantization_config", "register"]
 
@@ -35,8 +42,11 @@ class TileInt4Config(QuantizationConfigMixin):
     Args:
         tile: ``(l1, l2)``: ``l1`` input features x ``l2`` output features share one scale and zero point.
         skip_modules: linears kept in full precision, matched by module-name suffix.
-        scale_dtype: storage dtype of scale/zero: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
+        scale_dtype: storage dtype of the scales: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
         skip_indivisible: keep linears whose shape does not fit ``tile`` instead of raising.
+        zero_dtype: storage dtype of the zero points: ``"float32"`` (default, exact QA-BLoRA merges; see
+            ``quantize_model``), ``"float16"`` or ``"bfloat16"``; ``None`` means ``scale_dtype``. A saved config
+            without this field (written before it existed) means ``scale_dtype``.
     """
 
     def __init__(
@@ -45,6 +55,7 @@ class TileInt4Config(QuantizationConfigMixin):
         skip_modules: Iterable[str] | None = ("lm_head",),
         scale_dtype: str | torch.dtype = "float16",
         skip_indivisible: bool = False,
+        zero_dtype: str | torch.dtype | None = DEFAULT_ZERO_DTYPE,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
@@ -57,10 +68,22 @@ class TileInt4Config(QuantizationConfigMixin):
         self.skip_modules = list(skip_modules or [])
         self.scale_dtype = dtype_name(resolve_scale_dtype(scale_dtype))
         self.skip_indivisible = bool(skip_indivisible)
+        self.zero_dtype = self.scale_dtype if zero_dtype is None else dtype_name(resolve_zero_dtype(zero_dtype))
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """As transformers', except that a dict without ``zero_dtype`` (saved before the field existed, when the
+        zero points were stored in the scale's dtype) means ``zero_dtype=None``."""
+        config_dict = {"zero_dtype": None, **config_dict}
+        return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
         return resolve_scale_dtype(self.scale_dtype)
+
+    @property
+    def torch_zero_dtype(self) -> torch.dtype:
+        return resolve_zero_dtype(self.zero_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +91,7 @@ class TileInt4Config(QuantizationConfigMixin):
             "tile": list(self.tile),
             "skip_modules": list(self.skip_modules),
             "scale_dtype": self.scale_dtype,
+            "zero_dtype": self.zero_dtype,
             "skip_indivisible": self.skip_indivisible,
         }
 
@@ -95,7 +119,9 @@ class TileInt4Quantize(ConversionOps):
             if not (isinstance(module, TileInt4Linear) and tensor_name == "weight"):
                 out[key] = value
                 continue
-            packed, scale, zero = quantize_tiles(value, module.tile, module.scale.dtype, name=module_name)
+            packed, scale, zero = quantize_tiles(
+                value, module.tile, module.scale.dtype, module_name, module.zero.dtype
+            )
             module._parameters.pop("weight", None)  # drop the meta placeholder
             if missing_keys is not None:
                 missing_keys.discard(key)
@@ -137,8 +163,9 @@ class TileInt4HfQuantizer(HfQuantizer):
 
     @property
     def quantized_element_size(self) -> float:
-        l1, l2 = self.quantization_config.tile
-        bits = 4 + 2 * torch.finfo(self.quantization_config.torch_scale_dtype).bits / (l1 * l2)
+        cfg = self.quantization_config
+        l1, l2 = cfg.tile
+        bits = 4 + (torch.finfo(cfg.torch_scale_dtype).bits + torch.finfo(cfg.torch_zero_dtype).bits) / (l1 * l2)
         return bits / 8
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
@@ -169,6 +196,7 @@ class TileInt4HfQuantizer(HfQuantizer):
                 compute_dtype=linear.weight.dtype,
                 device="meta",
                 name=name,
+                zero_dtype=cfg.torch_zero_dtype,
             )
             if linear.bias is not None:
                 module.bias = torch.empty_like(linear.bias, device="meta")
@@ -228,6 +256,7 @@ def attach_quantization_config(
     skip_modules: Iterable[str],
     scale_dtype: torch.dtype,
     skip_indivisible: bool,
+    zero_dtype: torch.dtype | None = None,
 ) -> None:
     """Make a transformers model quantized by ``quantize_model`` look as if loaded with ``TileInt4Config``."""
     from transformers import PreTrainedModel
@@ -243,7 +272,7 @@ def attach_quantization_config(
             stacklevel=3,
         )
         return
-    config = TileInt4Config(tile, list(skip_modules), dtype_name(scale_dtype), skip_indivisible)
+    config = TileInt4Config(tile, list(skip_modules), scale_dtype, skip_indivisible, zero_dtype)
     model.config.quantization_config = config
     model.hf_quantizer = TileInt4HfQuantizer(config, pre_quantized=False)
     model.is_quantized = True

@@ -6,8 +6,10 @@ one zero point ``beta[t]``::
 
     W~[j, i] = alpha[j // l2, i // l1] * q[j, i] + beta[j // l2, i // l1],    q in {0, ..., 15}
 
-``alpha`` and ``beta`` have shape ``(D_out // l2, D_in // l1)``. Codes are packed two per byte along the input
-dimension: ``packed[j, k] = q[j, 2k] | (q[j, 2k + 1] << 4)``, shape ``(D_out, D_in // 2)``, dtype ``uint8``.
+``alpha`` and ``beta`` have shape ``(D_out // l2, D_in // l1)``, each in its own storage dtype (``scale_dtype``,
+``zero_dtype``: float16, bfloat16 or float32; ``beta`` takes ``alpha``'s unless told otherwise). Codes are packed two
+per byte along the input dimension: ``packed[j, k] = q[j, 2k] | (q[j, 2k + 1] << 4)``, shape ``(D_out, D_in // 2)``,
+dtype ``uint8``.
 
 Rounding of the stored scale/zero is directed so that every tile's range ``[min, max]`` stays inside
 ``[beta, beta + 15 * alpha]``: ``beta`` is rounded down and ``alpha`` up in the storage dtype. Hence the
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "DEFAULT_ZERO_DTYPE",
     "QMAX",
     "check_tile",
     "check_tile_shape",
@@ -27,10 +30,17 @@ __all__ = [
     "pack_int4",
     "quantize_tiles",
     "resolve_scale_dtype",
+    "resolve_zero_dtype",
     "unpack_int4",
 ]
 
 QMAX = 15  # largest 4-bit code
+
+# Zero-point dtype of quantize_model / TileInt4Config. A QA-BLoRA merge shifts beta and rounds it once into this dtype;
+# on SmolLM2-135M (trained adapters, 4x8 and 8x8 tiles) fp16 beta puts merged logits 1.0e-3 to 1.3e-2 (bf16: 2.9e-2 to
+# 0.2) away from the adapter-attached model, fp32 beta <= 3e-6 (benchmarks/qablora_merge_error.py), for 16 more bits
+# per tile (5.0 -> 5.5 bits per weight at 4x8, 4.5 -> 4.75 at 8x8).
+DEFAULT_ZERO_DTYPE = torch.float32
 
 _SCALE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -56,6 +66,17 @@ def resolve_scale_dtype(scale_dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(
         f"scale_dtype must be float16, bfloat16 or float32 (a torch.dtype or its name), got {scale_dtype!r}"
     )
+
+
+def resolve_zero_dtype(zero_dtype: torch.dtype | str) -> torch.dtype:
+    """Like :func:`resolve_scale_dtype`, for the zero point (errors name ``zero_dtype``)."""
+    try:
+        return resolve_scale_dtype(zero_dtype)
+    except ValueError:
+        raise ValueError(
+            f"zero_dtype must be float16, bfloat16 or float32 (a torch.dtype or its name) or None (the scale's "
+            f"dtype), got {zero_dtype!r}"
+        ) from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -152,22 +173,25 @@ def quantize_tiles(
     tile: tuple[int, int] = (4, 8),
     scale_dtype: torch.dtype | str = torch.float16,
     name: str | None = None,
+    zero_dtype: torch.dtype | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``weight`` to asymmetric min-max INT4 with one scale/zero per ``l1 x l2`` tile.
 
     Args:
         weight: floating tensor ``(D_out, D_in)``; ``D_in % l1 == 0``, ``D_out % l2 == 0``, ``D_in`` even.
         tile: ``(l1, l2)``: ``l1`` input features x ``l2`` output features per tile.
-        scale_dtype: storage dtype of ``scale``/``zero`` (float16, bfloat16 or float32, or their names).
+        scale_dtype: storage dtype of ``scale`` (float16, bfloat16 or float32, or their names).
         name: layer name used in error messages.
+        zero_dtype: storage dtype of ``zero``; ``None`` means ``scale_dtype``.
 
     Returns:
         ``(packed, scale, zero)``: ``packed`` is ``uint8 (D_out, D_in // 2)`` (see :func:`pack_int4`);
-        ``scale`` (alpha) and ``zero`` (beta) are ``(D_out // l2, D_in // l1)`` in ``scale_dtype``.
-        All on ``weight``'s device.
+        ``scale`` (alpha) and ``zero`` (beta) are ``(D_out // l2, D_in // l1)`` in ``scale_dtype`` and
+        ``zero_dtype``. All on ``weight``'s device.
     """
     tile = check_tile(tile)
     scale_dtype = resolve_scale_dtype(scale_dtype)
+    zero_dtype = scale_dtype if zero_dtype is None else resolve_zero_dtype(zero_dtype)
     where = f"layer {name!r}" if name else "weight"
     if weight.dim() != 2:
         raise ValueError(f"{where}: expected a 2-D weight (D_out, D_in), got shape {tuple(weight.shape)}")
@@ -183,15 +207,15 @@ def quantize_tiles(
     w_min = tiles.amin(dim=(1, 3))
     w_max = tiles.amax(dim=(1, 3))
 
-    zero = _round_toward(w_min, scale_dtype, down=True)
+    zero = _round_toward(w_min, zero_dtype, down=True)
     # Divide by a tensor, not a Python scalar: CUDA turns `x / 15` into `x * (1/15)`, which would make codes
     # depend on the device. Every step here is IEEE-exact elementwise math, so CPU and CUDA give identical bits.
     qmax = torch.full_like(w_max, float(QMAX))
     scale = _round_toward((w_max - zero.float()) / qmax, scale_dtype, down=False)
     if not (bool(torch.isfinite(zero).all()) and bool(torch.isfinite(scale).all())):
         raise ValueError(
-            f"{where}: weight range overflows {dtype_name(scale_dtype)} scales/zeros (|w| up to "
-            f"{w.abs().max().item():.3g}); use scale_dtype='float32'"
+            f"{where}: weight range overflows {dtype_name(scale_dtype)} scales / {dtype_name(zero_dtype)} zeros "
+            f"(|w| up to {w.abs().max().item():.3g}); use scale_dtype='float32' and zero_dtype='float32'"
         )
 
     scale32 = scale.float()[:, None, :, None]

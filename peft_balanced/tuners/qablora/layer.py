@@ -144,7 +144,7 @@ class QABLoRALayer(BaseTunerLayer):
         if not bool(torch.isfinite(merged.to(base.zero.dtype)).all()):
             raise ValueError(
                 f"Merging adapter(s) {adapter_names} into module {self.module_name!r} gives NaN or inf zero points "
-                f"(in {base.zero.dtype}); the adapter is broken or too large for this scale dtype."
+                f"(in {base.zero.dtype}); the adapter is broken or too large for this zero-point dtype."
             )
         self._zero_before_merge = before
         base.zero.copy_(before)
