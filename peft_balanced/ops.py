@@ -74,14 +74,24 @@ class _BalancedAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base, x, scaling, k_in, k_out, *weights):
-        pooled = pool(x, k_in, dtype=weights[0].dtype)
-        hidden = [pooled]
-        for weight in weights:
-            hidden.append(torch.nn.functional.linear(hidden[-1], weight))
-        small = hidden.pop() * scaling
-        ctx.save_for_backward(*hidden, *weights)
+        # Under autocast the small products run in the autocast dtype, as nn.Linear's would; the backward then
+        # returns each weight's gradient in that weight's own dtype (e.g. fp32 master weights).
+        device_type = x.device.type
+        compute_dtype = weights[0].dtype
+        if torch.is_autocast_enabled(device_type):
+            compute_dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            cast = [weight.to(compute_dtype) for weight in weights]
+            pooled = pool(x, k_in, dtype=compute_dtype)
+            hidden = [pooled]
+            for weight in cast:
+                hidden.append(torch.nn.functional.linear(hidden[-1], weight))
+            small = hidden.pop() * scaling
+            out = add_expanded(base, small, k_out)
+        ctx.save_for_backward(*hidden, *cast)
         ctx.scaling, ctx.k_in, ctx.k_out, ctx.x_dtype, ctx.n = scaling, k_in, k_out, x.dtype, len(weights)
-        return add_expanded(base, small, k_out)
+        ctx.weight_dtypes = [weight.dtype for weight in weights]
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -91,7 +101,8 @@ class _BalancedAdd(torch.autograd.Function):
         grad_weights = [None] * ctx.n
         for i in reversed(range(ctx.n)):
             if ctx.needs_input_grad[5 + i]:
-                grad_weights[i] = grad_small.flatten(0, -2).T @ hidden[i].flatten(0, -2)
+                grad_weight = grad_small.flatten(0, -2).T @ hidden[i].flatten(0, -2)
+                grad_weights[i] = grad_weight.to(ctx.weight_dtypes[i])
             grad_small = grad_small @ weights[i]
         grad_x = None
         if ctx.needs_input_grad[1]:

@@ -76,6 +76,29 @@ def test_fused_balanced_adapter_equals_the_unfused_ops_and_their_gradients(k_in,
         assert (mine.double() - truth).abs().max() <= (unfused.double() - truth).abs().max() * 1.05 + 1e-6
 
 
+@pytest.mark.parametrize("n_weights", [1, 2])
+def test_fused_balanced_adapter_under_autocast_computes_like_linear_and_keeps_fp32_weight_grads(n_weights):
+    torch.manual_seed(0)
+    d_in, d_out, rank, k = 32, 24, 6, 2
+    base = torch.randn(2, 5, d_out, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, 5, d_in, dtype=torch.bfloat16, requires_grad=True)
+    shapes = [(d_out // k, d_in // k)] if n_weights == 1 else [(rank, d_in // k), (d_out // k, rank)]
+    weights = [torch.randn(shape, requires_grad=True) for shape in shapes]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = add_balanced_adapter(base, x, weights, 0.7, k, k)
+        small = pool(x, k, dtype=torch.float32)
+        for weight in weights:
+            small = torch.nn.functional.linear(small, weight)  # autocast: bf16 products
+        reference = add_expanded(base, small * 0.7, k)
+    torch.testing.assert_close(fused, reference, rtol=2e-2, atol=2e-2)
+    grad = torch.randn_like(reference)
+    inputs = (base, x, *weights)
+    ours, theirs = torch.autograd.grad(fused, inputs, grad), torch.autograd.grad(reference, inputs, grad)
+    for mine, unfused in zip(ours, theirs, strict=True):
+        assert mine.dtype == unfused.dtype
+        torch.testing.assert_close(mine.float(), unfused.float(), rtol=5e-2, atol=5e-2 * unfused.abs().max().item())
+
+
 def test_pool_then_small_matrix_equals_block_expanded_matrix():
     torch.manual_seed(0)
     x, m = torch.randn(5, 12), torch.randn(2, 4)  # D_in = 12 pooled by 3, D_out = 8 expanded by 4
