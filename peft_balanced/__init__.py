@@ -10,7 +10,15 @@ from .models import load_default_model
 from .quant import TileInt4Config, TileInt4Linear, export_gguf, quantize_model
 from .registry import register, reserve_owned_types
 from .tuners.blora import BLoRAConfig, BLoRALayer, BLoRALinear, BLoRAModel
-from .tuners.gradapprox import GradApproxConfig, GradApproxInitCallback, GradApproxModel, init_gradapprox
+from .tuners.gradapprox import (
+    GradApproxConfig,
+    GradApproxInitCallback,
+    GradApproxModel,
+    GradApproxTrainer,
+    GradientApproximation,
+    init_gradapprox,
+    with_gradient_approximator,
+)
 from .tuners.qablora import QABLoRAConfig, QABLoRAModel
 
 __version__ = "0.1.0"
@@ -29,6 +37,8 @@ __all__ = [
     "GradApproxConfig",
     "GradApproxInitCallback",
     "GradApproxModel",
+    "GradApproxTrainer",
+    "GradientApproximation",
     "QABLoRAConfig",
     "QABLoRAModel",
     "TileInt4Config",
@@ -38,4 +48,5 @@ __all__ = [
     "init_gradapprox",
     "load_default_model",
     "quantize_model",
+    "with_gradient_approximator",
 ]

@@ -12,7 +12,7 @@ def copy_task(n: int = 64) -> Dataset:
     return Dataset.from_dict({"text": [f"{i % 10} plus 1 is {i % 10 + 1}." for i in range(n)]})
 
 
-def sft_train(model, peft_config, output_dir, steps: int = 30, callbacks: list | None = None):
+def sft_train(model, peft_config, output_dir, steps: int = 30, callbacks: list | None = None, trainer_cls=SFTTrainer):
     """Train ``model`` with ``SFTTrainer(peft_config=...)`` on the copy task; return the trainer and logged losses."""
     args = SFTConfig(
         output_dir=str(output_dir),
@@ -28,7 +28,7 @@ def sft_train(model, peft_config, output_dir, steps: int = 30, callbacks: list |
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=copy_task(),

@@ -230,7 +230,10 @@ def test_num_batches_must_be_positive():
         ({"init_scale": "huge"}, "init_scale must be one of"),
         ({"stable_gamma": 0}, "stable_gamma must be > 0"),
         ({"lora_dropout": 1.0}, "lora_dropout must be in"),
-        ({"approximator_depth": 2}, "approximator_depth=2.*not implemented"),
+        ({"approximator_depth": 6}, "approximator_depth must be an integer in 0..5"),
+        ({"refresh_every": 0}, "refresh_every must be a positive integer"),
+        ({"approximator_clip": 0}, "approximator_clip must be > 0"),
+        ({"approximator_warmup_steps": -1}, "approximator_warmup_steps must be an integer >= 0"),
     ],
 )
 def test_invalid_config_values_are_rejected_with_the_field_name(kwargs, message):

@@ -1,10 +1,12 @@
 """GradApprox: LoRA-shaped adapters initialised from a streamed sketch of the full fine-tuning gradient."""
 
+from .approximator import GradientApproximation, GradientApproximator
 from .callback import GradApproxInitCallback
 from .config import GradApproxConfig
 from .estimate import GradApproxInitReport, init_gradapprox
 from .layer import GradApproxLayer, GradApproxLinear
 from .model import GradApproxModel
+from .trainer import GradApproxTrainer, GradApproxTrainerMixin, with_gradient_approximator
 
 __all__ = [
     "GradApproxConfig",
@@ -13,5 +15,10 @@ __all__ = [
     "GradApproxLayer",
     "GradApproxLinear",
     "GradApproxModel",
+    "GradApproxTrainer",
+    "GradApproxTrainerMixin",
+    "GradientApproximation",
+    "GradientApproximator",
     "init_gradapprox",
+    "with_gradient_approximator",
 ]

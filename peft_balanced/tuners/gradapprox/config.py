@@ -52,8 +52,18 @@ class GradApproxConfig(AdapterConfig):
             ``s`` (the first step then equals full fine-tuning's rank-2r step under SGD); ``"unit"``: orthonormal.
         stable_gamma: γ of the ``"stable"`` scale.
         sketch_seed: Seed of the random test matrices (identical on every process, so DDP ranks agree).
-        approximator_depth: Depth of the learned gradient approximator (part 2 of GradApprox); only ``0`` (off) is
-            implemented.
+        approximator_depth: Residual blocks of the learned gradient approximator (experimental, see
+            :class:`~peft_balanced.tuners.gradapprox.approximator.GradientApproximation`): ``0`` = off (default),
+            ``1..5`` = on. It is used by :class:`~peft_balanced.GradApproxTrainer` (or a plain loop through
+            ``GradientApproximation``); it does not change the adapter or its checkpoint.
+        approximator_width: Hidden width of the approximator.
+        refresh_every: K: after the warm-up, every K-th optimizer step runs full backprop (and trains the
+            approximator); the others use predicted gradients and skip the backward pass.
+        approximator_warmup_steps: Optimizer steps at the start that all run full backprop.
+        approximator_lr: AdamW learning rate of the approximator.
+        approximator_tokens: Tokens per batch (sampled) whose true output gradients train the approximator.
+        approximator_clip: Each token's predicted gradient norm is capped at ``clip · sqrt(D_out)`` in units of the
+            module's running gradient RMS.
     """
 
     PEFT_TYPE_NAME: ClassVar[str] = "GRADAPPROX"
@@ -79,7 +89,19 @@ class GradApproxConfig(AdapterConfig):
     stable_gamma: float = field(default=16.0, metadata={"help": "γ of the 'stable' scale."})
     sketch_seed: int = field(default=0, metadata={"help": "Seed of the sketch's random test matrices."})
     approximator_depth: int = field(
-        default=0, metadata={"help": "Depth of the learned gradient approximator; 0 = off (only 0 is implemented)."}
+        default=0, metadata={"help": "Residual blocks of the gradient approximator, 1..5; 0 = off (default)."}
+    )
+    approximator_width: int = field(default=64, metadata={"help": "Hidden width of the gradient approximator."})
+    refresh_every: int = field(
+        default=4, metadata={"help": "Every K-th step runs full backprop; the others use predicted gradients."}
+    )
+    approximator_warmup_steps: int = field(default=4, metadata={"help": "Initial steps that all run full backprop."})
+    approximator_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the approximator."})
+    approximator_tokens: int = field(
+        default=256, metadata={"help": "Sampled tokens per exact batch that train the approximator."}
+    )
+    approximator_clip: float = field(
+        default=3.0, metadata={"help": "Cap on a token's predicted gradient norm, in units of sqrt(D_out)·RMS."}
     )
 
     def __post_init__(self) -> None:
@@ -97,9 +119,17 @@ class GradApproxConfig(AdapterConfig):
                 raise ValueError(f"GradApproxConfig.{name} must be one of {valid}, got {getattr(self, name)!r}.")
         if self.init_scale not in INIT_SCALES:
             raise ValueError(f"GradApproxConfig.init_scale must be one of {INIT_SCALES}, got {self.init_scale!r}.")
-        if self.approximator_depth != 0:
+        depth = self.approximator_depth
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= 5:
             raise ValueError(
-                f"GradApproxConfig.approximator_depth={self.approximator_depth!r}: the learned gradient approximator "
-                "(depth 1..5) is not implemented yet; only approximator_depth=0 (gradient-subspace initialization) "
-                "is available."
+                f"GradApproxConfig.approximator_depth must be an integer in 0..5 (0 = approximator off), got {depth!r}."
             )
+        for name in ("approximator_width", "refresh_every", "approximator_tokens"):
+            check_factor(f"GradApproxConfig.{name}", getattr(self, name))
+        warmup = self.approximator_warmup_steps
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"GradApproxConfig.approximator_warmup_steps must be an integer >= 0, got {warmup!r}.")
+        for name in ("approximator_lr", "approximator_clip"):
+            check_number(f"GradApproxConfig.{name}", getattr(self, name))
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GradApproxConfig.{name} must be > 0, got {getattr(self, name)!r}.")
