@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev-limit", type=int, default=None, help="dev examples per task (default: all; smoke 8)")
     p.add_argument("--train-limit", type=int, default=None, help="train examples per task (default: all)")
     p.add_argument("--max-length", type=int, default=256, help="cap on training sequence length (tokens)")
+    p.add_argument("--refresh-every", type=int, default=4, help="GradApprox approximator: every K-th step exact")
     p.add_argument("--estimation-batches", type=int, default=None, help="GradApprox gradient-sketch batches (8)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-save", action="store_true", help="do not save adapters / merged models")
@@ -167,6 +168,8 @@ def make_settings(args: argparse.Namespace, device: str) -> tuple[Settings, dict
     base = SMOKE if args.smoke else FULL
     pick = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
     pick["eval_batch_size"] = pick["eval_batch_size"] or EVAL_BATCH["cuda" if device.startswith("cuda") else "cpu"]
+    if args.refresh_every <= 0:
+        raise ValueError(f"--refresh-every must be positive, got {args.refresh_every}")
     for key in ("steps", "batch_size", "eval_batch_size", "estimation_batches", "eval_every"):
         if pick[key] <= 0 and not (key == "eval_every" and pick[key] == 0):
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {pick[key]}")
@@ -174,7 +177,7 @@ def make_settings(args: argparse.Namespace, device: str) -> tuple[Settings, dict
         steps=pick["steps"], batch_size=pick["batch_size"], lr=args.lr, warmup_steps=args.warmup_steps, r=args.r,
         lora_alpha=args.lora_alpha, qablora_alpha=args.qablora_alpha, eval_every=pick["eval_every"],
         eval_batch_size=pick["eval_batch_size"], max_length=args.max_length,
-        estimation_batches=pick["estimation_batches"], device=device,
+        estimation_batches=pick["estimation_batches"], refresh_every=args.refresh_every, device=device,
         dtype="bfloat16" if device.startswith("cuda") else "float32", save=not args.no_save, smoke=args.smoke,
     )  # fmt: skip
     return settings, {"dev_limit": pick["dev_limit"], "train_limit": pick["train_limit"]}
@@ -209,7 +212,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
 
     try:
         methods = harness.resolve_methods([m.strip() for m in args.methods.split(",") if m.strip()])
-    except (ValueError, harness.MethodUnavailable) as err:
+    except ValueError as err:
         parser.error(str(err))
     if not methods or not args.seeds:
         parser.error("--methods and --seeds must name at least one method and one seed")

@@ -84,33 +84,12 @@ METHODS: dict[str, Method] = {
 }
 
 
-class MethodUnavailable(RuntimeError):
-    """A method whose library support has not landed yet."""
-
-
 def resolve_methods(names: Sequence[str]) -> list[Method]:
-    """The :class:`Method` of every name, in order, without duplicates; unknown or unavailable names raise."""
+    """The :class:`Method` of every name, in order, without duplicates; unknown names raise."""
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; valid methods: {', '.join(METHODS)}")
-    methods = [METHODS[n] for n in dict.fromkeys(names)]
-    for method in methods:
-        check_available(method)
-    return methods
-
-
-def check_available(method: Method) -> None:
-    """Raise :class:`MethodUnavailable` for GradApprox with a learned approximator while the library lacks it."""
-    if method.depth == 0:
-        return
-    try:
-        peft_balanced.GradApproxConfig(r=8, approximator_depth=method.depth, target_modules=["q_proj"])
-    except ValueError as err:
-        raise MethodUnavailable(
-            f"{method.name} is not available yet: the learned gradient approximator has not landed in "
-            f"peft_balanced.tuners.gradapprox (GradApproxConfig says: {err})"
-        ) from None
-    raise MethodUnavailable(f"{method.name}: the approximator exists but this harness is not wired to it yet")
+    return [METHODS[n] for n in dict.fromkeys(names)]
 
 
 @dataclass
@@ -129,6 +108,7 @@ class Settings:
     max_length: int = 256
     grad_clip: float = 1.0
     estimation_batches: int = 8
+    refresh_every: int = 4
     device: str = "cpu"
     dtype: str = "float32"
     save: bool = True
@@ -249,6 +229,8 @@ def adapter_config(method: Method, settings: Settings):
             lora_alpha=settings.lora_alpha,
             init="gradient",
             estimation_batches=settings.estimation_batches,
+            approximator_depth=method.depth,
+            refresh_every=settings.refresh_every,
             **common,
         )
     raise ValueError(f"method {method.name!r} has no adapter")
@@ -329,6 +311,7 @@ def train(peft_model: nn.Module, method: Method, bench: Bench, seed: int, log: C
         batches = [make_train_batch(bench.train_rows, idx, pad, s.device) for idx in schedule[: s.estimation_batches]]
         peft_balanced.init_gradapprox(peft_model, batches, progress=False)
         init_seconds = clock.stop()
+    approximation = peft_balanced.GradientApproximation(peft_model) if method.depth else None
     curve: list[dict] = []
     losses: list[torch.Tensor] = []
     final: dict = {}
@@ -344,8 +327,12 @@ def train(peft_model: nn.Module, method: Method, bench: Bench, seed: int, log: C
     for step, indices in enumerate(schedule):
         for group in optimizer.param_groups:
             group["lr"] = s.lr * lr_factor(step, s.steps, min(s.warmup_steps, s.steps))
-        loss = data.completion_loss(peft_model, make_train_batch(bench.train_rows, indices, pad, s.device))
-        loss.backward()
+        batch = make_train_batch(bench.train_rows, indices, pad, s.device)
+        if approximation is None:
+            loss = data.completion_loss(peft_model, batch)
+            loss.backward()
+        else:  # exact (forward + backward + approximator fit) or approximated (forward only) step
+            loss = approximation.step(step, batch, lambda batch=batch: data.completion_loss(peft_model, batch))
         if s.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         optimizer.step()
@@ -367,6 +354,7 @@ def train(peft_model: nn.Module, method: Method, bench: Bench, seed: int, log: C
         "train_seconds": round(clock.total, 3),
         "init_seconds": round(init_seconds, 3),
         "eval_seconds": round(sum(c["seconds"] for c in curve), 3),
+        "approximator": approximation.history if approximation is not None else None,
         "padded_tokens": padded_tokens(rows, schedule),
         "supervised_tokens": sum(
             sum(t != data.IGNORE_INDEX for t in rows[i]["features"]["labels"]) for idx in schedule for i in idx
