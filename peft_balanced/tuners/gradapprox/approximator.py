@@ -166,7 +166,8 @@ class GradientApproximation:
         self.grad_rms = torch.zeros(len(self.layers), dtype=torch.float64)
         self.fitted_steps = 0
         self._exact_batches = 0
-        self.metrics: list[dict[str, float]] = []
+        self.metrics: list[dict[str, float]] = []  # since the last pop_metrics()
+        self.history: list[dict[str, float]] = []  # every fit
         self._mode: str | None = None
         self._context: torch.Tensor | None = None
         self._keep: torch.Tensor | None = None  # (B*T,) bool: attended tokens
@@ -296,7 +297,10 @@ class GradientApproximation:
 
     def _predict(self, index: int, y: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Clipped prediction ``δ̂`` in the units of true gradients."""
-        pred = self.network(index, y, context)
+        return self._clip_and_scale(index, self.network(index, y, context))
+
+    def _clip_and_scale(self, index: int, pred: torch.Tensor) -> torch.Tensor:
+        """Cap each token's norm of a normalized prediction, then scale it by the module's gradient RMS."""
         limit = self.config.approximator_clip * math.sqrt(pred.shape[-1])
         norms = pred.norm(dim=-1, keepdim=True)
         pred = pred * torch.clamp(limit / (norms + 1e-12), max=1.0)
@@ -334,16 +338,17 @@ class GradientApproximation:
         losses, delta_cosines, true_grads, pred_grads = [], [], [], []
         for index, ((_, layer), samples) in enumerate(zip(self.layers, self._samples, strict=True)):
             rms = samples.delta.pow(2).mean().sqrt().clamp(min=1e-30)
-            if self.fitted_steps:
+            normalized = self.network(index, samples.y, context)
+            if self.fitted_steps:  # score before this step's update (with last step's RMS)
                 with torch.no_grad():
-                    pred = self._predict(index, samples.y, context.detach())
+                    pred = self._clip_and_scale(index, normalized.detach())
                     delta_cosines.append(_cosine(pred, samples.delta))
                     true_grads += self._adapter_grads(layer, samples.x, samples.delta)
                     pred_grads += self._adapter_grads(layer, samples.x, pred)
             momentum = 0.9 if self.fitted_steps else 0.0
             self.grad_rms[index] = momentum * self.grad_rms[index] + (1 - momentum) * rms.item()
             target = samples.delta / rms
-            losses.append(F.mse_loss(self.network(index, samples.y, context), target))
+            losses.append(F.mse_loss(normalized, target))
         loss = torch.stack(losses).mean()
         loss.backward()
         self.optimizer.step()
@@ -356,6 +361,7 @@ class GradientApproximation:
                 torch.cat([g.flatten() for g in pred_grads]), torch.cat([g.flatten() for g in true_grads])
             )
         self.metrics.append(metrics)
+        self.history.append({"exact_batch": self._exact_batches, **metrics})
         self._samples = [_Samples() for _ in self.layers]
         return metrics
 
