@@ -75,6 +75,16 @@ def test_qlora_and_its_requantized_merge_share_one_training_run(tmp_path):
     assert qlora["saved"] == requant["saved"] == []
 
 
+def test_gradapprox_with_the_approximator_records_its_out_of_sample_cosines(tmp_path):
+    bench = _bench(tmp_path, save=False, steps=6, estimation_batches=1, refresh_every=2)
+    harness.run_group([harness.METHODS["gradapprox_d1"]], seed=0, bench=bench, log=lambda line: None)
+    (record,) = _records(bench.out)
+    assert record["method"] == "gradapprox_d1" and len(record["train_loss"]) == 6
+    fits = record["approximator"]  # exact steps: 0..3 (warm-up), 4; approximated: 5
+    assert [entry["exact_batch"] for entry in fits] == [1, 2, 3, 4, 5]
+    assert all(-1 <= entry["grad_cosine"] <= 1 for entry in fits[1:])
+
+
 def test_unknown_method_is_refused_naming_the_valid_ones(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         accuracy.main(["--methods", "lora,qlora8", "--out", str(tmp_path)])
