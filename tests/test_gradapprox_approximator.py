@@ -44,8 +44,12 @@ def test_schedule_runs_warmup_steps_then_every_kth_step_exactly():
     assert [approx.is_exact_step(s) for s in range(8)] == [True, True, False, True, False, False, True, False]
 
 
-def test_adapter_gradients_from_captured_output_gradients_equal_autograd():
+@pytest.mark.parametrize("checkpointing", [None, True, False], ids=["no-ckpt", "reentrant", "non-reentrant"])
+def test_adapter_gradients_from_captured_output_gradients_equal_autograd(checkpointing):
     model, approx = adapted()
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+        model.enable_input_require_grads()
     approx.step(0, batch(), loss_fn=None)  # exact step; keep its samples by capturing again without fitting
     model.zero_grad()
     with approx.exact(batch(1)):
