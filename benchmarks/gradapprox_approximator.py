@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--width", type=int, default=64, help="approximator width")
     p.add_argument("--lr", type=float, default=3e-4, help="adapter AdamW learning rate")
-    p.add_argument("--approximator-lr", type=float, default=1e-3)
+    p.add_argument("--approximator-lr", type=float, default=3e-3)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,11 +9,12 @@ gradients follow from the loss gradient at the module output ``δ_t``::
 module's running gradient RMS) from the module output ``y_t``, the embedding of the token the model must predict at
 ``t`` (the only label information, available before the forward pass) and a learned module embedding::
 
-    h = W_in[D_out] · norm(y_t) + W_ctx · norm(e(label_{t+1})) + emb[m]
+    h = (W_in[D_out] · norm(y_t) + W_ctx · norm(e(label_{t+1}))) ⊙ (1 + gain[m]) + emb[m]
     h ← h + MLP_i(norm(h))   for i = 1..depth
     δ̂_t = W_out[D_out] · norm(h)
 
-(``W_in`` / ``W_out`` are shared by modules of the same output width.) :class:`GradientApproximation` runs it:
+(``W_in`` / ``W_out`` are shared by modules of the same output width; ``gain`` and ``emb`` are the module
+embeddings.) :class:`GradientApproximation` runs it:
 
 * **exact steps** (the first ``approximator_warmup_steps`` steps, then every ``refresh_every``-th): normal
   forward + backward; hooks keep ``x``, ``y`` and the true ``δ`` of ``approximator_tokens`` sampled tokens per
@@ -75,6 +76,8 @@ class GradientApproximator(nn.Module):
         widths = sorted(set(out_features))
         self.module_embedding = nn.Embedding(len(out_features), width)
         nn.init.normal_(self.module_embedding.weight, std=0.02)
+        self.module_scale = nn.Embedding(len(out_features), width)  # per-module gain: 1 + scale
+        nn.init.zeros_(self.module_scale.weight)
         self.inputs = nn.ModuleDict({str(d): nn.Linear(d, width) for d in widths})
         self.context_in = nn.Linear(context_features, width)
         self.no_label = nn.Parameter(torch.zeros(width))
@@ -92,7 +95,8 @@ class GradientApproximator(nn.Module):
     def forward(self, module_index: int, y: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """``y: (N, D_out)``, ``context: (N, width)`` -> ``δ̂: (N, D_out)`` in units of the module's gradient RMS."""
         key = str(self.out_features[module_index])
-        h = self.inputs[key](_normalize(y.float())) + context + self.module_embedding.weight[module_index]
+        gain = 1 + self.module_scale.weight[module_index]
+        h = (self.inputs[key](_normalize(y.float())) + context) * gain + self.module_embedding.weight[module_index]
         for block in self.blocks:
             h = block(h)
         return self.outputs[key](_normalize(h))

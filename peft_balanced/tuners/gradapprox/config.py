@@ -96,7 +96,7 @@ class GradApproxConfig(AdapterConfig):
         default=4, metadata={"help": "Every K-th step runs full backprop; the others use predicted gradients."}
     )
     approximator_warmup_steps: int = field(default=4, metadata={"help": "Initial steps that all run full backprop."})
-    approximator_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the approximator."})
+    approximator_lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the approximator."})
     approximator_tokens: int = field(
         default=256, metadata={"help": "Sampled tokens per exact batch that train the approximator."}
     )
