@@ -41,16 +41,11 @@ from peft_balanced.data import completion_loss, default_bigbench_root  # noqa: E
 from peft_balanced.models import LLAMA_PROJECTIONS  # noqa: E402
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(device: str, fn) -> float:
-    sync(device)
+    harness.sync(device)
     start = time.perf_counter()
     fn()
-    sync(device)
+    harness.sync(device)
     return time.perf_counter() - start
 
 

@@ -17,6 +17,19 @@ def check_number(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a number, got {value!r}.")
 
 
+def check_positive_number(name: str, value: object) -> None:
+    """Raise a ``ValueError`` naming the field unless ``value`` is a number > 0."""
+    check_number(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}.")
+
+
+def check_count(name: str, value: object) -> None:
+    """Raise a ``ValueError`` naming the field unless ``value`` is an integer >= 0 (``bool`` is rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+
+
 @dataclass
 class AdapterConfig(CheckedCheckpointMixin, PeftConfig):
     """Shared fields: scaling, dropout, which modules to adapt, biases, extra trainable modules, initialization.

@@ -102,8 +102,8 @@ class GradientApproximator(nn.Module):
         return self.outputs[key](_normalize(h))
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0, eps=1e-30).item()
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0, eps=1e-30)
 
 
 class _Samples:
@@ -157,17 +157,16 @@ class GradientApproximation:
         embedding = model.get_input_embeddings()
         self.label_embedding = embedding.weight
         device = self.layers[0][1].gax_A[adapter_name].weight.device
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(config.sketch_seed)
-        self.network = GradientApproximator(
-            [layer.out_features for _, layer in self.layers],
-            embedding.embedding_dim,
-            config.approximator_depth,
-            config.approximator_width,
-        ).to(device)
-        torch.random.set_rng_state(generator_state)
+        with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
+            torch.manual_seed(config.sketch_seed)
+            self.network = GradientApproximator(
+                [layer.out_features for _, layer in self.layers],
+                embedding.embedding_dim,
+                config.approximator_depth,
+                config.approximator_width,
+            ).to(device)
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.approximator_lr, weight_decay=0.0)
-        self.grad_rms = torch.zeros(len(self.layers), dtype=torch.float64)
+        self.grad_rms = torch.zeros(len(self.layers), device=device)  # on the device: no host syncs in hooks
         self.fitted_steps = 0
         self._exact_batches = 0
         self.metrics: list[dict[str, float]] = []  # since the last pop_metrics()
@@ -273,16 +272,16 @@ class GradientApproximation:
                     f"has {self._keep.numel()} (labels must have the shape of input_ids)."
                 )
             if self._mode == "exact":
-                self._capture(index, x, output)
+                self._capture(index, x, y, output)
             else:
                 self._add_predicted_gradient(index, module, x, y)
 
         return hook
 
-    def _capture(self, index: int, x: torch.Tensor, output: torch.Tensor) -> None:
+    def _capture(self, index: int, x: torch.Tensor, y: torch.Tensor, output: torch.Tensor) -> None:
         samples, rows = self._samples[index], self._rows
         samples.x = x.detach()[rows].float()
-        samples.y = output.detach().flatten(0, -2)[rows].float()
+        samples.y = y.detach()[rows].float()
         if output.requires_grad:  # under reentrant checkpointing only the recomputed output is in the graph
 
             def keep_delta(grad: torch.Tensor) -> None:
@@ -308,7 +307,7 @@ class GradientApproximation:
         limit = self.config.approximator_clip * math.sqrt(pred.shape[-1])
         norms = pred.norm(dim=-1, keepdim=True)
         pred = pred * torch.clamp(limit / (norms + 1e-12), max=1.0)
-        return pred * float(self.grad_rms[index])
+        return pred * self.grad_rms[index]
 
     def _add_predicted_gradient(self, index: int, layer: GradApproxLayer, x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.no_grad():
@@ -339,7 +338,7 @@ class GradientApproximation:
             context_inputs = tuple(t[self._rows] for t in self._label_inputs)
         self.optimizer.zero_grad(set_to_none=True)
         context = self.network.context(*context_inputs)
-        losses, delta_cosines, true_grads, pred_grads = [], [], [], []
+        losses, rms_values, delta_cosines, true_grads, pred_grads = [], [], [], [], []
         for index, ((_, layer), samples) in enumerate(zip(self.layers, self._samples, strict=True)):
             rms = samples.delta.pow(2).mean().sqrt().clamp(min=1e-30)
             normalized = self.network(index, samples.y, context)
@@ -349,21 +348,22 @@ class GradientApproximation:
                     delta_cosines.append(_cosine(pred, samples.delta))
                     true_grads += self._adapter_grads(layer, samples.x, samples.delta)
                     pred_grads += self._adapter_grads(layer, samples.x, pred)
-            momentum = 0.9 if self.fitted_steps else 0.0
-            self.grad_rms[index] = momentum * self.grad_rms[index] + (1 - momentum) * rms.item()
-            target = samples.delta / rms
-            losses.append(F.mse_loss(normalized, target))
+            rms_values.append(rms)
+            losses.append(F.mse_loss(normalized, samples.delta / rms))
+        momentum = 0.9 if self.fitted_steps else 0.0
+        self.grad_rms.mul_(momentum).add_(torch.stack(rms_values), alpha=1 - momentum)
         loss = torch.stack(losses).mean()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.fitted_steps += 1
         metrics = {"approximator_loss": loss.item()}
-        if delta_cosines:
-            metrics["delta_cosine"] = sum(delta_cosines) / len(delta_cosines)
-            metrics["grad_cosine"] = _cosine(
+        if delta_cosines:  # one host transfer for all modules
+            grad_cosine = _cosine(
                 torch.cat([g.flatten() for g in pred_grads]), torch.cat([g.flatten() for g in true_grads])
             )
+            metrics["delta_cosine"] = torch.stack(delta_cosines).mean().item()
+            metrics["grad_cosine"] = grad_cosine.item()
         self.metrics.append(metrics)
         self.history.append({"exact_batch": self._exact_batches, **metrics})
         self._samples = [_Samples() for _ in self.layers]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from ...ops import check_factor
-from ..base_config import AdapterConfig, check_number
+from ..base_config import AdapterConfig, check_count, check_positive_number
 
 INIT_MODES = ("gradient", "lora")
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
@@ -109,11 +109,8 @@ class GradApproxConfig(AdapterConfig):
         check_factor("GradApproxConfig.r", self.r)
         check_factor("GradApproxConfig.estimation_batches", self.estimation_batches)
         check_factor("GradApproxConfig.sketch_passes", self.sketch_passes)
-        if isinstance(self.oversampling, bool) or not isinstance(self.oversampling, int) or self.oversampling < 0:
-            raise ValueError(f"GradApproxConfig.oversampling must be an integer >= 0, got {self.oversampling!r}.")
-        check_number("GradApproxConfig.stable_gamma", self.stable_gamma)
-        if self.stable_gamma <= 0:
-            raise ValueError(f"GradApproxConfig.stable_gamma must be > 0, got {self.stable_gamma!r}.")
+        check_count("GradApproxConfig.oversampling", self.oversampling)
+        check_positive_number("GradApproxConfig.stable_gamma", self.stable_gamma)
         for name, valid in (("init", INIT_MODES), ("direction", DIRECTIONS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"GradApproxConfig.{name} must be one of {valid}, got {getattr(self, name)!r}.")
@@ -126,10 +123,6 @@ class GradApproxConfig(AdapterConfig):
             )
         for name in ("approximator_width", "refresh_every", "approximator_tokens"):
             check_factor(f"GradApproxConfig.{name}", getattr(self, name))
-        warmup = self.approximator_warmup_steps
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"GradApproxConfig.approximator_warmup_steps must be an integer >= 0, got {warmup!r}.")
+        check_count("GradApproxConfig.approximator_warmup_steps", self.approximator_warmup_steps)
         for name in ("approximator_lr", "approximator_clip"):
-            check_number(f"GradApproxConfig.{name}", getattr(self, name))
-            if getattr(self, name) <= 0:
-                raise ValueError(f"GradApproxConfig.{name} must be > 0, got {getattr(self, name)!r}.")
+            check_positive_number(f"GradApproxConfig.{name}", getattr(self, name))
