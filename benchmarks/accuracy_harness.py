@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import os
 import pathlib
 import random
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from accuracy_finish import append_record, finish, save_atomically, save_dir  # noqa: E402  (re-exported)
 from torch import nn
 
 import peft_balanced
@@ -60,7 +59,8 @@ METHODS: dict[str, Method] = {
         Method("base", "dense", "none", "base model, zero-shot"),
         Method("lora", "dense", "lora", "peft LoRA on the 16-bit base"),
         Method("qlora", "nf4", "lora", "peft LoRA on NF4 (double quant)"),
-        *(Method(f"qblora{b}", "nf4", "blora", f"Q-BLoRA, balance {b}, on NF4", balance=b) for b in (2, 4, 8)),
+        Method("blora2", "dense", "blora", "BLoRA, balance 2, on the 16-bit base", balance=2),
+        *(Method(f"qblora{b}", "nf4", "blora", f"Q-BLoRA, balance {b}, on NF4", balance=b) for b in (1, 2, 4, 8)),
         *(
             Method(
                 f"qablora{a}x{b}", "int4", "qablora", f"QA-BLoRA {a}x{b} merged into INT4", (1), (a, b), "merge_int4"
@@ -68,10 +68,34 @@ METHODS: dict[str, Method] = {
             for a, b in ((4, 8), (8, 8))
         ),
         Method(
+            "lora_ptq_int4",
+            "dense",
+            "lora",
+            "LoRA merged into the 16-bit base, then RTN to 4x8-tile INT4 (QA-BLoRA's format and bits)",
+            finish="ptq_int4",
+            trains_as="lora",
+        ),
+        Method(
+            "qlora_ptq_int4",
+            "nf4",
+            "lora",
+            "QLoRA's update merged into the ORIGINAL 16-bit weights, then RTN to 4x8-tile INT4",
+            finish="ptq_int4",
+            trains_as="qlora",
+        ),
+        Method(
+            "qlora_ptq_nf4",
+            "nf4",
+            "lora",
+            "QLoRA's update merged into the ORIGINAL 16-bit weights, then NF4 (double quant)",
+            finish="ptq_nf4",
+            trains_as="qlora",
+        ),
+        Method(
             "qlora_requant",
             "nf4",
             "lora",
-            "QLoRA merged, re-quantized to NF4",
+            "strawman: QLoRA merged into the NF4-DEQUANTIZED weights, re-quantized to NF4 (rounds small updates away)",
             finish="requant_nf4",
             trains_as="qlora",
         ),
@@ -81,6 +105,12 @@ METHODS: dict[str, Method] = {
             for d in (1, 3, 5)
         ),
     )
+}
+# The paper's fine-tuning recipe (QLoRA's): r = 64, lora_alpha = 16, constant learning rate (2e-4 in the paper),
+# gradient-norm clipping 0.3. "default" is this benchmark's own: --r, --lora-alpha, linear decay, clipping 1.0.
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "paper": {"r": 64, "lora_alpha": 16.0, "schedule": "constant", "grad_clip": 0.3},
 }
 
 
@@ -107,6 +137,8 @@ class Settings:
     eval_batch_size: int = 64
     max_length: int = 256
     grad_clip: float = 1.0
+    schedule: str = "linear"  # "linear": warm-up then linear decay to 0; "constant": warm-up then constant
+    recipe: str = "default"
     estimation_batches: int = 8
     refresh_every: int = 4
     device: str = "cpu"
@@ -131,6 +163,7 @@ class Bench:
     out: pathlib.Path
     meta: dict = field(default_factory=dict)
     rates: dict = field(default_factory=dict)
+    select: dict[str, list[dict]] = field(default_factory=dict)  # held out of train: picks the learning rate
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,6 +184,27 @@ def load_tasks(
         train += [{**row, "task": task} for row in data.load_bigbench(root / task, "train", train_limit)]
         dev[task] = [{**row, "task": task} for row in data.load_bigbench(root / task, "dev", dev_limit)]
     return train, dev
+
+
+def split_select(train: list[dict], per_task: int) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Hold ``per_task`` rows of every task out of ``train`` (a fixed draw, the same for every method and seed).
+
+    The held-out "select" rows pick each method's learning rate, so that the dev split, on which results are
+    reported, plays no part in any choice. Returns ``(train without them, {task: held-out rows})``.
+    """
+    keep, select = [], {}
+    by_task: dict[str, list[dict]] = {}
+    for row in train:
+        by_task.setdefault(row["task"], []).append(row)
+    for task, rows in by_task.items():
+        if per_task >= len(rows):
+            raise ValueError(f"cannot hold {per_task} of {len(rows)} {task} train rows out for selection")
+        order = list(range(len(rows)))
+        random.Random(f"bigbench-select:{task}").shuffle(order)
+        held = set(order[:per_task])
+        select[task] = [rows[i] for i in sorted(held)] if per_task else []
+        keep += [row for i, row in enumerate(rows) if i not in held]
+    return keep, {t: rows for t, rows in select.items() if rows}
 
 
 def tokenize_train(rows: list[dict], tokenizer, max_length: int) -> int:
@@ -245,15 +299,17 @@ def sync(device: str) -> None:
 # evaluation and training
 
 
-def evaluate(model: nn.Module, bench: Bench) -> dict:
-    """Dev accuracy of every task (length-normalized log-likelihood of each choice), their mean, pooled accuracy."""
-    rows = [row for task_rows in bench.dev.values() for row in task_rows]
+def evaluate(model: nn.Module, bench: Bench, split: dict[str, list[dict]] | None = None) -> dict:
+    """Accuracy on every task of ``split`` (default: dev; length-normalized log-likelihood of each choice), their
+    mean and the pooled accuracy."""
+    split = bench.dev if split is None else split
+    rows = [row for task_rows in split.values() for row in task_rows]
     start = time.perf_counter()
     _, preds = data.choice_accuracy(
         model, bench.tokenizer, rows, batch_size=bench.settings.eval_batch_size, return_predictions=True
     )
     per_task, correct, pos = {}, {}, 0
-    for task, task_rows in bench.dev.items():
+    for task, task_rows in split.items():
         hits = [int(p == r["answer"]) for p, r in zip(preds[pos : pos + len(task_rows)], task_rows, strict=True)]
         per_task[task] = sum(hits) / len(hits)
         correct[task] = "".join(map(str, hits))
@@ -285,10 +341,12 @@ class Stopwatch:
         return self.total
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "linear") -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total`` (``"linear"``) or constant."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     return max(0.0, 1.0 - (step - warmup) / max(1, total - warmup))
 
 
@@ -326,7 +384,7 @@ def train(peft_model: nn.Module, method: Method, bench: Bench, seed: int, log: C
     clock.start()
     for step, indices in enumerate(schedule):
         for group in optimizer.param_groups:
-            group["lr"] = s.lr * lr_factor(step, s.steps, min(s.warmup_steps, s.steps))
+            group["lr"] = s.lr * lr_factor(step, s.steps, min(s.warmup_steps, s.steps), s.schedule)
         batch = make_train_batch(bench.train_rows, indices, pad, s.device)
         if approximation is None:
             loss = data.completion_loss(peft_model, batch)
@@ -372,63 +430,6 @@ def _short(result: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# finishing, saving, records
-
-
-def save_dir(out: pathlib.Path, name: str) -> pathlib.Path:
-    """``out/models/name``, or a timestamped sibling when that exists (a saved model is never overwritten)."""
-    path = out / "models" / name
-    if path.exists():
-        path = path.with_name(f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}")
-    return path
-
-
-def save_atomically(obj, path: pathlib.Path, tokenizer=None) -> str:
-    """``obj.save_pretrained`` into a temporary sibling, renamed to ``path`` when complete."""
-    tmp = path.with_name(path.name + ".partial")
-    with warnings.catch_warnings():  # the GGUF folder has no config.json; the vocabulary is unchanged anyway
-        warnings.filterwarnings("ignore", message="Could not find a config file")
-        obj.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, path)
-    return str(path)
-
-
-def finish(method: Method, peft_model: nn.Module, bench: Bench, directory: pathlib.Path | None) -> nn.Module:
-    """The model ``method`` is evaluated as: the adapter model, the merged INT4 model, or re-quantized NF4."""
-    s = bench.settings
-    if method.finish == "none":
-        return peft_model
-    if method.finish == "merge_int4":
-        merged = peft_model.merge_and_unload()
-        left = [n for n, m in merged.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_PROJECTIONS and
-                not isinstance(m, peft_balanced.TileInt4Linear)]  # fmt: skip
-        if left:
-            raise RuntimeError(f"{method.name}: merged model has non-INT4 projections, e.g. {left[0]}")
-        if directory is not None:
-            save_atomically(merged, directory / "merged-int4", bench.tokenizer)
-        return merged
-    if method.finish == "requant_nf4":
-        from peft_balanced.cli import merge_to_dense
-
-        merged = merge_to_dense(peft_model, dtype=s.torch_dtype)
-        quantize_linear_nf4(merged, compute_dtype=s.torch_dtype, double_quant=True)
-        return merged
-    raise ValueError(f"unknown finish {method.finish!r}")
-
-
-def append_record(out: pathlib.Path, record: dict) -> None:
-    """Append one JSON line to ``out/results.jsonl`` (flushed to disk, so a later crash keeps it)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # one training run, its records
 
 
@@ -469,20 +470,29 @@ def run_group(methods: Sequence[Method], seed: int, bench: Bench, log: Callable[
         saved = [save_atomically(peft_model, directory / "adapter")] if directory is not None else []
         unmerged = None
         final = training["final"]
+        scored = peft_model
         if method.finish != "none":
             unmerged = {k: final[k] for k in ("mean_accuracy", "pooled_accuracy", "dev_accuracy", "correct")}
-            final = evaluate(finish(method, peft_model, bench, directory), bench)
+            scored = finish(method, peft_model, bench, directory)
+            final = evaluate(scored, bench)
             training["eval_seconds"] += round(final["seconds"], 3)
             if directory is not None and (directory / "merged-int4").exists():
                 saved.append(str(directory / "merged-int4"))
+        select = evaluate(scored, bench, bench.select) if bench.select else None  # the finished model picks the lr
+        if select is not None:
+            training["eval_seconds"] += round(select["seconds"], 3)
         record = {
-            "method": method.name, "about": method.about, "seed": seed, "base": method.base,
+            "method": method.name, "about": method.about, "seed": seed, "lr": s.lr, "steps": s.steps,
+            "recipe": s.recipe, "base": method.base,
             "adapter": method.adapter, "balance": method.balance if method.adapter == "blora" else None,
             "tile": list(method.tile) if method.adapter == "qablora" else None, "finish": method.finish,
             "trainable_params": trainable, "adapter_dtype": adapter_dtype,
             "tasks": list(bench.dev), "dev_n": {t: len(r) for t, r in bench.dev.items()},
             "mean_accuracy": final["mean_accuracy"], "pooled_accuracy": final["pooled_accuracy"],
             "dev_accuracy": final["dev_accuracy"], "correct": final["correct"], "unmerged": unmerged,
+            "select": None if select is None else {
+                k: select[k] for k in ("mean_accuracy", "pooled_accuracy", "dev_accuracy", "correct")},
+            "select_n": {t: len(r) for t, r in bench.select.items()},
             "majority_baseline": majority_baseline(bench.train_rows, bench.dev),
             **{k: v for k, v in training.items() if k != "final"},
             "setup_seconds": round(setup_seconds, 3),
@@ -492,5 +502,5 @@ def run_group(methods: Sequence[Method], seed: int, bench: Bench, log: Callable[
         }  # fmt: skip
         append_record(bench.out, record)
         records.append(record)
-    del peft_model, model
+    del peft_model, model, scored
     return records

@@ -2,11 +2,17 @@
 
     python benchmarks/accuracy.py report OUT [--reference qlora] [--no-plots]
 
-Reads ``OUT/results.jsonl`` (when a (method, seed) of one setting was run twice, the later line wins), writes
+Reads ``OUT/results.jsonl`` (when a (method, seed, lr) of one setting was run twice, the later line wins), writes
 ``OUT/report.md`` and, when matplotlib is installed, ``OUT/plots/{accuracy_vs_step,accuracy_vs_wallclock,
-train_loss}.png``, and prints: the steps and wall-clock each method needs to reach LoRA's final dev accuracy
-(issue 4), then the accuracy table (mean ± sample std over seeds, in points; per-task columns with their dev sizes;
-the paired difference to ``--reference`` with its standard error over dev examples).
+train_loss}.png``, and prints per setting (steps, batch, rank, recipe): the learning-rate grid (dev accuracy of every
+method at every lr, and the held-out select accuracy that picks the lr), the steps and wall-clock each method needs
+to reach LoRA's final dev accuracy, then the accuracy table at each method's selected lr (best against best: mean ±
+sample std over seeds, in points; per-task columns with their dev sizes; the paired difference to ``--reference``
+with its standard error over dev examples, and per seed).
+
+Learning rates are chosen on the ``select`` rows (train examples held out of training), never on dev: a method's lr
+is the one with the highest mean select accuracy of its finished model over the seeds. Records without a select split
+fall back to dev, and the table says so (an optimistic choice).
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import statistics
 from collections import defaultdict
 
 METHOD_ORDER = (  # benchmarks/accuracy_harness.py METHODS; other names follow in the order first seen
-    "base", "lora", "qlora", "qblora2", "qblora4", "qblora8", "qablora4x8", "qablora8x8", "qlora_requant",
+    "base", "lora", "blora2", "qlora", "qblora1", "qblora2", "qblora4", "qblora8", "qablora4x8", "qablora8x8",
+    "lora_ptq_int4", "qlora_ptq_int4", "qlora_ptq_nf4", "qlora_requant",
     "gradapprox", "gradapprox_d1", "gradapprox_d3", "gradapprox_d5",
 )  # fmt: skip
 
@@ -34,21 +41,80 @@ def load_records(out: str | pathlib.Path) -> list[dict]:
 
 
 def setting_of(record: dict) -> tuple:
-    """What makes results comparable: tasks and their dev sizes, steps, batch size, learning rate, rank, smoke."""
+    """What makes results comparable (the lr is chosen within a setting): tasks and their dev sizes, steps, batch
+    size, rank, recipe, smoke."""
     s = record["settings"]
-    return (tuple(sorted(record["dev_n"].items())), s["steps"], s["batch_size"], s["lr"], s["r"], s["smoke"])
+    return (tuple(sorted(record["dev_n"].items())), s["steps"], s["batch_size"], s["r"], s.get("recipe", "default"),
+            s["smoke"])  # fmt: skip
 
 
-def latest(records: list[dict]) -> dict[tuple, dict[str, dict[int, dict]]]:
-    """``{setting: {method: {seed: record}}}`` keeping the last record of every (setting, method, seed)."""
-    out: dict[tuple, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+def latest(records: list[dict]) -> dict[tuple, dict[str, dict[float, dict[int, dict]]]]:
+    """``{setting: {method: {lr: {seed: record}}}}`` keeping the last record of every (setting, method, lr, seed).
+
+    The untrained base model does not depend on the setting: its records join every setting with the same dev sets.
+    """
+    out: dict[tuple, dict] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    base = {}
     for record in records:
-        out[setting_of(record)][record["method"]][record["seed"]] = record
+        if record["adapter"] == "none":
+            base.setdefault(setting_of(record)[0], {})[record["seed"]] = record
+            continue
+        out[setting_of(record)][record["method"]][record["settings"]["lr"]][record["seed"]] = record
+    if not out:  # only base records
+        for runs in base.values():
+            first = next(iter(runs.values()))
+            out[setting_of(first)]["base"][first["settings"]["lr"]] = runs
+    for setting, methods in out.items():
+        if "base" not in methods and setting[0] in base:
+            methods["base"] = {0.0: base[setting[0]]}
     rank = {name: i for i, name in enumerate(METHOD_ORDER)}
     return {
         setting: dict(sorted(methods.items(), key=lambda kv: rank.get(kv[0], len(rank))))
         for setting, methods in out.items()
     }
+
+
+def select_score(runs: dict[int, dict]) -> tuple[float, str]:
+    """Mean over seeds of the held-out select accuracy (``"select"``), or of dev accuracy when a run has none."""
+    if all(r.get("select") for r in runs.values()):
+        return statistics.fmean(r["select"]["mean_accuracy"] for r in runs.values()), "select"
+    return statistics.fmean(r["mean_accuracy"] for r in runs.values()), "dev"
+
+
+def choose_lr(by_lr: dict[float, dict[int, dict]]) -> tuple[float, str]:
+    """The lr with the best :func:`select_score` (ties: the smaller lr), and what chose it."""
+    if len(by_lr) == 1:
+        return next(iter(by_lr)), "only lr"
+    scores = {lr: select_score(runs) for lr, runs in sorted(by_lr.items())}
+    best = max(scores, key=lambda lr: (scores[lr][0], -lr))
+    return best, "select split" if all(how == "select" for _, how in scores.values()) else "dev (optimistic)"
+
+
+def best_runs(methods: dict[str, dict[float, dict[int, dict]]]) -> tuple[dict[str, dict[int, dict]], dict]:
+    """Each method's runs at its chosen lr, and ``{method: (lr, how chosen)}``."""
+    chosen = {name: choose_lr(by_lr) for name, by_lr in methods.items()}
+    return {name: methods[name][chosen[name][0]] for name in methods}, chosen
+
+
+def lr_grid_table(methods: dict[str, dict[float, dict[int, dict]]], chosen: dict) -> str:
+    """Dev accuracy (mean ± std over seeds) of every method at every lr, the select accuracy in brackets; the
+    chosen lr in bold."""
+    lrs = sorted({lr for name, by_lr in methods.items() if name != "base" for lr in by_lr})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for name, by_lr in methods.items():
+        if name == "base":
+            continue
+        cells = []
+        for lr in lrs:
+            runs = by_lr.get(lr)
+            if not runs:
+                cells.append("")
+                continue
+            score, how = select_score(runs)
+            cell = f"{points([r['mean_accuracy'] for r in runs.values()])} [{100 * score:.1f}]"
+            cells.append(f"**{cell}**" if lr == chosen[name][0] else cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -83,24 +149,35 @@ def paired_delta(runs: dict[int, dict], reference: dict[int, dict]) -> tuple[flo
     return 100 * statistics.fmean(deltas), 100 * math.sqrt(sum(variances)) / len(tasks)
 
 
-def accuracy_table(methods: dict[str, dict[int, dict]], reference: str) -> str:
-    """Markdown table: one row per method (in the order first seen), then the train-majority baseline."""
+def per_seed_deltas(runs: dict[int, dict], reference: dict[int, dict]) -> str:
+    """Mean-accuracy differences to ``reference`` seed by seed, in points (``"-0.9, -1.6, +0.9"``)."""
+    seeds = sorted(set(runs) & set(reference))
+    return ", ".join(f"{100 * (runs[s]['mean_accuracy'] - reference[s]['mean_accuracy']):+.1f}" for s in seeds)
+
+
+def accuracy_table(methods: dict[str, dict[int, dict]], reference: str, chosen: dict | None = None) -> str:
+    """Markdown table: one row per method (in the order first seen) at its chosen lr, then the train-majority
+    baseline."""
+    chosen = chosen or {}
     first = next(iter(next(iter(methods.values())).values()))
     tasks = list(first["dev_n"])
-    head = ["method", "trainable", "seeds", "mean"] + [f"{t} (n={first['dev_n'][t]})" for t in tasks]
-    head += [f"Δ vs {reference}", "train s", "peak GiB", "what"]
+    head = ["method", "trainable", "seeds", "lr", "mean"] + [f"{t} (n={first['dev_n'][t]})" for t in tasks]
+    head += [f"Δ vs {reference}", "Δ per seed", "train s", "peak GiB", "what"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in methods.items():
         recs = [runs[s] for s in sorted(runs)]
         delta = paired_delta(runs, methods[reference]) if reference in methods and name != reference else None
         peaks = [r["peak_gpu_mib"] for r in recs if r.get("peak_gpu_mib")]
+        lr, how = chosen.get(name, (recs[0]["settings"]["lr"], "only lr"))
         cells = [
             name,
             f"{recs[0]['trainable_params']:,}",
             ",".join(str(r["seed"]) for r in recs),
+            "" if name == "base" else f"{lr:g}" + ("" if how in ("only lr", "select split") else f" ({how})"),
             points([r["mean_accuracy"] for r in recs]),
             *(points([r["dev_accuracy"][t] for r in recs]) for t in tasks),
             "" if delta is None else f"{delta[0]:+.1f} ± {delta[1]:.1f}",
+            "" if delta is None else per_seed_deltas(runs, methods[reference]),
             f"{statistics.fmean(r['train_seconds'] for r in recs):.1f}",
             f"{max(peaks) / 1024:.2f}" if peaks else "",
             recs[0]["about"]
@@ -112,8 +189,8 @@ def accuracy_table(methods: dict[str, dict[int, dict]], reference: str) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     majority = first["majority_baseline"]
-    cells = ["majority", "0", "", points([statistics.fmean(majority.values())])]
-    cells += [points([majority[t]]) for t in tasks] + ["", "", "", "train split's most frequent answer, always"]
+    cells = ["majority", "0", "", "", points([statistics.fmean(majority.values())])]
+    cells += [points([majority[t]]) for t in tasks] + ["", "", "", "", "train split's most frequent answer, always"]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -171,13 +248,20 @@ def write_plots(methods: dict[str, dict[int, dict]], directory: pathlib.Path, ti
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for method, runs in methods.items():
             curve = mean_curve(runs)
-            if len(curve) > 1:
+            finished = next(iter(runs.values())).get("finish", "none") != "none"
+            if len(curve) > 1 and finished:  # the adapter's curve dashed, then the finished model's accuracy
+                xs, ys = [c[index] for c in curve], [100 * c[2] for c in curve]
+                done = 100 * statistics.fmean(r["mean_accuracy"] for r in runs.values())
+                (line,) = ax.plot(xs, ys, linestyle=":", linewidth=1)
+                ax.plot([xs[-1], xs[-1]], [ys[-1], done], color=line.get_color(), linewidth=1.5)
+                ax.plot([xs[-1]], [done], marker="D", color=line.get_color(), label=f"{method} (finished: {done:.1f})")
+            elif len(curve) > 1:
                 ax.plot([c[index] for c in curve], [100 * c[2] for c in curve], marker=".", label=method)
             elif curve:  # no training (the base model): a level line
                 ax.axhline(100 * curve[0][2], color="grey", linestyle="--", linewidth=1, label=method)
         ax.set(xlabel=xlabel, ylabel="mean dev accuracy (%)", title=title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(directory / f"{name}.png", dpi=120)
         plt.close(fig)
@@ -212,10 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     out = pathlib.Path(args.out)
     sections, tables = [], []
-    for index, (setting, methods) in enumerate(latest(records).items()):
-        _, steps, batch, lr, r, smoke = setting
+    for index, (setting, by_lr) in enumerate(latest(records).items()):
+        _, steps, batch, r, recipe, smoke = setting
+        methods, chosen = best_runs(by_lr)
         dev_n = next(iter(next(iter(methods.values())).values()))["dev_n"]
-        title = f"{steps} steps x {batch}, lr {lr}, r {r}{' (smoke)' if smoke else ''}"
+        title = f"{steps} steps x {batch}, r {r}, recipe {recipe}{' (smoke)' if smoke else ''}"
         head = f"## {title}: {', '.join(f'{t} {n}' for t, n in dev_n.items())} dev examples ({sum(dev_n.values())})"
         if not args.no_plots:
             try:
@@ -223,10 +308,12 @@ def main(argv: list[str] | None = None) -> int:
                 print("plots: " + ", ".join(paths))
             except ImportError:
                 print("matplotlib is not installed: no plots (pip install matplotlib)")
+        grid = lr_grid_table(by_lr, chosen)
+        grid_head = "Dev accuracy at every lr [select accuracy, which picks the lr]; bold: the chosen lr."
         speed = speed_table(methods)
-        print(f"\n{head}\n\n{speed}")
-        table = accuracy_table(methods, args.reference)
-        sections.append(f"{head}\n\n{table}\n\n{speed}\n")
+        print(f"\n{head}\n\n{grid_head}\n\n{grid}\n\n{speed}")
+        table = accuracy_table(methods, args.reference, chosen)
+        sections.append(f"{head}\n\n{table}\n\n{grid_head}\n\n{grid}\n\n{speed}\n")
         tables.append(f"{head}\n\n{table}")
     (out / "report.md").write_text("\n".join(sections), encoding="utf-8")
     print(f"\nwrote {out / 'report.md'}")

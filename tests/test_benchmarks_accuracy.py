@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
 
 import pytest
+import torch
 from tiny import tiny_llama, tiny_tokenizer
+
+import peft_balanced
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import accuracy  # noqa: E402
 import accuracy_harness as harness  # noqa: E402
+import accuracy_parallel  # noqa: E402
 import accuracy_report  # noqa: E402
 
 TASKS = {
@@ -120,3 +125,102 @@ def test_report_writes_accuracy_and_loss_plots(two_seed_results, capsys):
     accuracy_report.main([str(two_seed_results)])
     for name in ("accuracy_vs_step", "accuracy_vs_wallclock", "train_loss"):
         assert (two_seed_results / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+def test_select_rows_are_held_out_of_training_and_drawn_the_same_way_every_time(tmp_path):
+    train, _ = harness.load_tasks(_write_tasks(tmp_path / "bigbench"), list(TASKS))
+    kept, select = harness.split_select(train, 3)
+    again_kept, again = harness.split_select(train, 3)
+    assert {t: len(rows) for t, rows in select.items()} == {"parity": 3, "pick": 3}
+    assert len(kept) == len(train) - 6
+    held = {(r["task"], r["id"]) for rows in select.values() for r in rows}
+    assert held.isdisjoint((r["task"], r["id"]) for r in kept)
+    assert again == select and again_kept == kept
+
+
+def test_holding_out_all_train_rows_of_a_task_is_refused(tmp_path):
+    train, _ = harness.load_tasks(_write_tasks(tmp_path / "bigbench"), list(TASKS))
+    with pytest.raises(ValueError, match="cannot hold 12 of 12 parity train rows out"):
+        harness.split_select(train, 12)
+
+
+def test_ptq_finish_adds_the_qlora_update_to_the_original_weights_not_the_nf4_dequantized_ones(tmp_path):
+    import accuracy_finish
+    from peft import get_peft_model
+
+    bench = _bench(tmp_path, save=False)
+    method = harness.METHODS["qlora_ptq_int4"]
+    peft_model = get_peft_model(harness.build_base(method, bench), harness.adapter_config(method, bench.settings))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)  # a non-zero update
+    merged = accuracy_finish.merge_into_original(peft_model, bench.model, "cpu", torch.float32)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    original = bench.model.model.layers[0].self_attn.q_proj.weight
+    expected = original + layer.get_delta_weight("default")
+    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, expected, rtol=0, atol=1e-6)
+    int4 = accuracy_finish.finish(method, peft_model, bench, None)
+    assert isinstance(int4.model.layers[0].self_attn.q_proj, peft_balanced.TileInt4Linear)
+    assert int4.model.layers[0].self_attn.q_proj.tile == (4, 8)
+
+
+def test_report_picks_each_methods_lr_on_the_select_split_and_compares_best_with_best(tmp_path, capsys):
+    bench = _bench(tmp_path, save=False)
+    train, select = harness.split_select(bench.train_rows, 4)
+    bench = dataclasses.replace(bench, train_rows=train, select=select)
+    for lr in (1e-4, 3e-2):
+        for name in ("qlora", "lora"):
+            settings = dataclasses.replace(bench.settings, lr=lr)
+            harness.run_group([harness.METHODS[name]], 0, dataclasses.replace(bench, settings=settings), lambda _: 0)
+    records = accuracy_report.load_records(bench.out)
+    by_lr = accuracy_report.latest(records)
+    (methods,) = by_lr.values()
+    for name in ("lora", "qlora"):
+        scores = {lr: runs[0]["select"]["mean_accuracy"] for lr, runs in methods[name].items()}
+        best = max(scores, key=lambda lr: (scores[lr], -lr))
+        assert accuracy_report.choose_lr(methods[name]) == (best, "select split")
+    assert accuracy.main(["report", str(bench.out), "--no-plots"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = max(i for i, line in enumerate(lines) if line.startswith("| method | trainable |"))
+    lora_row = next(line for line in lines[header:] if line.startswith("| lora |"))
+    assert f" | {accuracy_report.choose_lr(methods['lora'])[0]:g} | " in lora_row
+    assert any(line.startswith("| method | lr 0.0001 | lr 0.03 |") for line in lines)  # the whole grid is shown
+
+
+def test_paper_recipe_trains_rank_64_with_alpha_16_a_constant_lr_and_clipping_0_3():
+    job = accuracy_parallel.Job(("qblora2",), 0, 2e-4, 10, "paper")
+    settings = dataclasses.replace(harness.Settings(), lr=job.lr, steps=job.steps, **harness.RECIPES[job.recipe])
+    assert (settings.r, settings.lora_alpha, settings.grad_clip, settings.schedule) == (64, 16.0, 0.3, "constant")
+    assert [harness.lr_factor(step, 10, 2, settings.schedule) for step in (0, 1, 5, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert harness.lr_factor(9, 10, 2, "linear") == pytest.approx(1 / 8)
+
+
+def _claim_all(plan: str, worker: int, n: int, queue) -> None:
+    queue.put([i for i in range(n) if accuracy_parallel.claim(pathlib.Path(plan), i, worker)])
+
+
+def test_every_planned_job_is_claimed_by_exactly_one_of_several_racing_workers(tmp_path):
+    import multiprocessing
+
+    jobs = [accuracy_parallel.Job(("lora",), seed, lr, 5) for seed in range(10) for lr in (1e-4, 1e-3, 3e-3)]
+    plan = accuracy_parallel.write_plan(tmp_path, jobs)
+    assert accuracy_parallel.read_plan(plan) == jobs
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_claim_all, args=(str(plan), w, len(jobs), queue)) for w in range(4)]
+    for w in workers:
+        w.start()
+    claimed = [queue.get(timeout=60) for _ in workers]
+    for w in workers:
+        w.join(timeout=60)
+    assert sorted(i for part in claimed for i in part) == list(range(len(jobs)))
+    assert accuracy_parallel.unclaimed(plan, jobs) == []
+
+
+def test_lr_grid_plans_every_lr_and_seed_and_the_base_model_once_per_seed():
+    args = accuracy.build_parser().parse_args(["--methods", "base,qlora,qlora_requant", "--seeds", "0,1",
+                                               "--lrs", "1e-4,1e-3", "--steps", "200,600"])  # fmt: skip
+    jobs = accuracy.plan_jobs(harness.resolve_methods(args.methods.split(",")), args, args.steps)
+    assert sum(job.methods == ("base",) for job in jobs) == 2
+    trained = [(j.seed, j.lr, j.steps) for j in jobs if j.methods == ("qlora", "qlora_requant")]
+    assert sorted(trained) == sorted((s, lr, n) for s in (0, 1) for lr in (1e-4, 1e-3) for n in (200, 600))
