@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import pathlib
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="training runs at once, as separate processes (0: as many as GPU memory and CPU cores allow; 1 on CPU)",
     )
+    p.add_argument("--resume", action="store_true", help="skip jobs whose results are already in --out")
     p.add_argument("--plan-file", default=None, help=argparse.SUPPRESS)  # set by --parallel for its workers
     p.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
@@ -356,6 +358,24 @@ def load_bench(args, parser, settings: Settings, limits: dict, log) -> Bench:
     return bench
 
 
+def failure_record(method: Method, job: Job, bench: Bench, error: str) -> dict:
+    """The record of a run that diverged: enough for the report to show it in the lr grid."""
+    return {"method": method.name, "about": method.about, "seed": job.seed, "lr": job.lr, "steps": job.steps,
+            "recipe": job.recipe, "base": method.base, "adapter": method.adapter, "finish": method.finish,
+            "dev_n": {t: len(r) for t, r in bench.dev.items()}, "failed": error,
+            "settings": dict(vars(bench.settings))}  # fmt: skip
+
+
+def done_jobs(out: pathlib.Path) -> set[tuple]:
+    """``(method, seed, lr, steps, recipe)`` of every record (results or divergences) in ``out/results.jsonl``."""
+    path = out / "results.jsonl"
+    if not path.is_file():
+        return set()
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {(r["method"], r["seed"], r["settings"]["lr"], r["settings"]["steps"], r["settings"].get("recipe",
+            "default")) for r in records}  # fmt: skip
+
+
 def execute(jobs: list[Job], bench: Bench, deadline: float | None, log, take=lambda index: True):
     """Run the jobs that ``take`` grants (all, or a worker's claims) and fit before ``deadline``; returns
     ``(records, jobs skipped for time)``."""
@@ -371,7 +391,13 @@ def execute(jobs: list[Job], bench: Bench, deadline: float | None, log, take=lam
             continue
         log(f"[{index + 1}/{len(jobs)}] {job.label}: estimate {estimate:.0f} s")
         t0 = time.perf_counter()
-        group_records = harness.run_group(group, job.seed, bench_of_job, log=log)
+        try:
+            group_records = harness.run_group(group, job.seed, bench_of_job, log=log)
+        except harness.Diverged as err:  # a result too: this lr is out of the method's range
+            log(f"    diverged: {err}")
+            for method in group:
+                harness.append_record(bench.out, failure_record(method, job, bench_of_job, str(err)))
+            continue
         calibrate(bench, group_records[0])
         for rec in group_records:
             log(f"    {rec['method']} seed {job.seed} lr {job.lr:g}: dev mean {rec['mean_accuracy']:.4f} "
@@ -396,6 +422,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
         jobs = plan_jobs(methods, args, limits["steps"])
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    if args.resume and not args.plan_file:
+        done = done_jobs(pathlib.Path(args.out))
+        before = len(jobs)
+        jobs = [j for j in jobs if not all((m, j.seed, j.lr, j.steps, j.recipe) in done for m in j.methods)]
+        print(f"--resume: {before - len(jobs)} of {before} jobs already have results in {args.out}", flush=True)
+        if not jobs:
+            return []
     deadline = args.deadline or (start + args.time_budget if args.time_budget else None)
     if args.plan_file:  # a worker of --parallel
         prefix = f"[w{args.worker_id}] "

@@ -114,6 +114,10 @@ RECIPES: dict[str, dict] = {
 }
 
 
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss (this learning rate is too large for the method)."""
+
+
 def resolve_methods(names: Sequence[str]) -> list[Method]:
     """The :class:`Method` of every name, in order, without duplicates; unknown names raise."""
     unknown = [n for n in names if n not in METHODS]
@@ -400,7 +404,7 @@ def train(peft_model: nn.Module, method: Method, bench: Bench, seed: int, log: C
         if done == s.steps or (s.eval_every and done % s.eval_every == 0):
             clock.stop()
             if not torch.isfinite(torch.stack(losses)).all():
-                raise RuntimeError(f"{method.name}: non-finite training loss by step {done}")
+                raise Diverged(f"{method.name}: non-finite training loss by step {done}")
             checkpoint(done)
             if done < s.steps:
                 clock.start()

@@ -48,6 +48,9 @@ def setting_of(record: dict) -> tuple:
             s["smoke"])  # fmt: skip
 
 
+DIVERGED: dict[tuple, set[tuple[str, float]]] = {}  # {setting: {(method, lr)}} of runs whose loss diverged
+
+
 def latest(records: list[dict]) -> dict[tuple, dict[str, dict[float, dict[int, dict]]]]:
     """``{setting: {method: {lr: {seed: record}}}}`` keeping the last record of every (setting, method, lr, seed).
 
@@ -56,6 +59,9 @@ def latest(records: list[dict]) -> dict[tuple, dict[str, dict[float, dict[int, d
     out: dict[tuple, dict] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     base = {}
     for record in records:
+        if record.get("failed"):
+            DIVERGED.setdefault(setting_of(record), set()).add((record["method"], record["settings"]["lr"]))
+            continue
         if record["adapter"] == "none":
             base.setdefault(setting_of(record)[0], {})[record["seed"]] = record
             continue
@@ -96,10 +102,12 @@ def best_runs(methods: dict[str, dict[float, dict[int, dict]]]) -> tuple[dict[st
     return {name: methods[name][chosen[name][0]] for name in methods}, chosen
 
 
-def lr_grid_table(methods: dict[str, dict[float, dict[int, dict]]], chosen: dict) -> str:
+def lr_grid_table(methods: dict[str, dict[float, dict[int, dict]]], chosen: dict, diverged: set = frozenset()) -> str:
     """Dev accuracy (mean ± std over seeds) of every method at every lr, the select accuracy in brackets; the
     chosen lr in bold."""
-    lrs = sorted({lr for name, by_lr in methods.items() if name != "base" for lr in by_lr})
+    lrs = sorted(
+        {lr for name, by_lr in methods.items() if name != "base" for lr in by_lr} | {lr for _, lr in diverged}
+    )
     lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
     for name, by_lr in methods.items():
         if name == "base":
@@ -108,7 +116,7 @@ def lr_grid_table(methods: dict[str, dict[float, dict[int, dict]]], chosen: dict
         for lr in lrs:
             runs = by_lr.get(lr)
             if not runs:
-                cells.append("")
+                cells.append("diverged" if (name, lr) in diverged else "")
                 continue
             score, how = select_score(runs)
             cell = f"{points([r['mean_accuracy'] for r in runs.values()])} [{100 * score:.1f}]"
@@ -308,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("plots: " + ", ".join(paths))
             except ImportError:
                 print("matplotlib is not installed: no plots (pip install matplotlib)")
-        grid = lr_grid_table(by_lr, chosen)
+        grid = lr_grid_table(by_lr, chosen, DIVERGED.get(setting, set()))
         grid_head = "Dev accuracy at every lr [select accuracy, which picks the lr]; bold: the chosen lr."
         speed = speed_table(methods)
         print(f"\n{head}\n\n{grid_head}\n\n{grid}\n\n{speed}")
