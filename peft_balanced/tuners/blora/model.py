@@ -12,6 +12,7 @@ from torch import nn
 from ..common import AdapterNamesRoutingMixin, DequantizingMergeMixin, is_linear_base
 from .config import BLoRAConfig
 from .layer import BLoRALayer, BLoRALinear
+from .weighted import add_weighted_blora_adapter, check_weighted_adapters
 
 
 class BLoRAModel(AdapterNamesRoutingMixin, DequantizingMergeMixin, BaseTuner):
@@ -38,6 +39,17 @@ class BLoRAModel(AdapterNamesRoutingMixin, DequantizingMergeMixin, BaseTuner):
                 f"divides the in- and out-features of none of them: {', '.join(self._skipped_indivisible)}. "
                 "Choose a balance_factor that divides these sizes, or other target_modules."
             )
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "cat"
+    ) -> None:
+        """Add a frozen adapter ``adapter_name`` whose update is ``Σ_i weights[i] · ΔW(adapters[i])``, exactly.
+
+        Only ``combination_type="cat"`` exists: the adapters (one ``balance_factor``) are concatenated into one of
+        rank ``Σ r_i``; see :mod:`peft_balanced.tuners.blora.weighted`. Other types raise ``NotImplementedError``.
+        """
+        check_weighted_adapters(self, adapters, weights, adapter_name, combination_type)
+        add_weighted_blora_adapter(self, list(adapters), list(weights), adapter_name)
 
     def _create_and_replace(
         self,
