@@ -7,7 +7,8 @@ import torch
 from peft import get_peft_model
 from tiny import LLAMA_TARGETS, tiny_llama
 
-from peft_balanced import BLoRAConfig
+from peft_balanced import BLoRAConfig, GradApproxConfig, QABLoRAConfig
+from peft_balanced.quant import quantize_model
 
 
 def random_config(**overrides) -> BLoRAConfig:
@@ -80,3 +81,12 @@ def test_unknown_adapter_and_mismatched_weights_are_refused():
         model.add_weighted_adapter(["x", "z"], [0.5, 0.5], "xz")
     with pytest.raises(ValueError, match="2 adapters but 1 weights"):
         model.add_weighted_adapter(["x", "y"], [0.5], "xy")
+
+
+def test_qablora_and_gradapprox_refuse_add_weighted_adapter_by_name():
+    qab = get_peft_model(quantize_model(tiny_llama()), QABLoRAConfig(target_modules=["q_proj"]))
+    with pytest.raises(NotImplementedError, match="not supported for QA-BLoRA"):
+        qab.add_weighted_adapter(["default"], [1.0], "combined")
+    gax = get_peft_model(tiny_llama(), GradApproxConfig(r=2, target_modules=["q_proj"], init="lora"))
+    with pytest.raises(NotImplementedError, match="not supported for GradApprox"):
+        gax.add_weighted_adapter(["default"], [1.0], "combined")
