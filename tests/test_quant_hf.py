@@ -203,6 +203,21 @@ def test_plain_from_pretrained_without_importing_the_plugin_raises_an_error_nami
     assert "'tile_int4'" in result.stderr and "import peft_balanced" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.skipif(not _startup_hook_installed(), reason="needs the package installed (its .pth start-up hook)")
+def test_the_start_up_hook_lets_a_load_through_once_the_plugin_is_imported_after_transformers(q_dir):
+    script = textwrap.dedent(
+        f"""
+        from transformers import AutoModelForCausalLM
+        import peft_balanced
+        model = AutoModelForCausalLM.from_pretrained({str(q_dir)!r})
+        print(type(model.model.layers[0].self_attn.q_proj).__name__)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.stdout.strip().endswith("TileInt4Linear"), result.stderr[-2000:]
+
+
 def test_quantize_model_output_saves_and_reloads_bit_exact(tmp_path, tokens):
     model = quantize_model(_tiny_llama(), tile=(8, 8), scale_dtype="bfloat16")
     model.save_pretrained(tmp_path)
