@@ -8,7 +8,7 @@
 
 from .models import load_default_model
 from .quant import TileInt4Config, TileInt4Linear, export_gguf, quantize_model
-from .registry import register, reserve_owned_types
+from .registry import count_packed_weights, register, reserve_owned_types
 from .tuners.blora import BLoRAConfig, BLoRALayer, BLoRALinear, BLoRAModel
 from .tuners.gradapprox import (
     GradApproxConfig,
@@ -24,6 +24,7 @@ from .tuners.qablora import QABLoRAConfig, QABLoRAModel
 __version__ = "0.1.0"
 
 reserve_owned_types()
+count_packed_weights()
 register("BLORA", config_cls=BLoRAConfig, model_cls=BLoRAModel, prefix=BLoRAModel.prefix)
 register("QABLORA", config_cls=QABLoRAConfig, model_cls=QABLoRAModel, prefix=QABLoRAModel.prefix)
 register("GRADAPPROX", config_cls=GradApproxConfig, model_cls=GradApproxModel, prefix=GradApproxModel.prefix)

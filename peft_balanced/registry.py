@@ -64,3 +64,32 @@ def reserve_owned_types() -> None:
     """Make every name in :data:`OWNED_PEFT_TYPES` a ``PeftType`` member."""
     for name in OWNED_PEFT_TYPES:
         extend_peft_type(name)
+
+
+def _packed_tile_int4_weights(model) -> int:
+    """Number of weights stored 4-bit in ``TileInt4Linear`` buffers of ``model`` (``D_out · D_in`` per layer)."""
+    import sys
+
+    quant_linear = sys.modules.get("peft_balanced.quant.linear")
+    if quant_linear is None:
+        return 0
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, quant_linear.TileInt4Linear))
+
+
+def count_packed_weights() -> None:
+    """Make ``PeftModel.get_nb_trainable_parameters`` (and so ``print_trainable_parameters``) count the frozen 4-bit
+    weights of ``TileInt4Linear`` layers, as peft counts bitsandbytes' ``Params4bit``: a TileInt4Linear keeps them
+    in buffers, which peft's count (over parameters) would leave out. Idempotent."""
+    from peft import PeftModel
+
+    original = PeftModel.get_nb_trainable_parameters
+    if getattr(original, "__peft_balanced_counts_tile_int4__", False):
+        return
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable, total = original(self)
+        return trainable, total + _packed_tile_int4_weights(self)
+
+    get_nb_trainable_parameters.__doc__ = original.__doc__
+    get_nb_trainable_parameters.__peft_balanced_counts_tile_int4__ = True
+    PeftModel.get_nb_trainable_parameters = get_nb_trainable_parameters

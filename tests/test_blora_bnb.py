@@ -122,3 +122,32 @@ def test_8bit_base_forward_and_merge(input_ids):
         merged = adapted(x)
     assert isinstance(adapted.base_model.model[0].get_base_layer(), bnb.nn.Linear8bitLt)
     torch.testing.assert_close(merged, unmerged, rtol=0.05, atol=0.05)  # 8-bit re-quantization
+
+
+def test_dequantize_merge_after_a_merge_and_unload_is_refused(saved_tiny_llama):
+    adapted = get_peft_model(load_4bit(saved_tiny_llama), random_config())
+    adapted.merge_and_unload()  # re-quantized: running the dequantize merge now would be lossy
+    with pytest.raises(ValueError, match="already merged and unloaded"):
+        adapted.merge_and_unload(dequantize=True)
+
+
+def test_dequantize_merge_after_merge_adapter_is_refused(saved_tiny_llama):
+    adapted = get_peft_model(load_4bit(saved_tiny_llama), random_config())
+    adapted.merge_adapter()
+    with pytest.raises(ValueError, match=r"already merged into the quantized weights.*q_proj"):
+        adapted.merge_and_unload(dequantize=True)
+
+
+def test_merge_and_unload_twice_on_a_16bit_base_is_refused(model):
+    adapted = get_peft_model(model, random_config())
+    adapted.merge_and_unload()
+    with pytest.raises(ValueError, match="already merged and unloaded"):
+        adapted.merge_and_unload()
+
+
+def test_merge_and_unload_of_merged_adapters_on_a_16bit_base_stays_exact(model, input_ids):
+    adapted = get_peft_model(model, random_config())
+    expected = logits(adapted, input_ids)
+    adapted.merge_adapter()
+    merged = adapted.merge_and_unload(dequantize=True)  # nothing is quantized: merging first loses nothing
+    torch.testing.assert_close(logits(merged, input_ids), expected, rtol=0, atol=1e-5)

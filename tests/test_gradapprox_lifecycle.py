@@ -247,3 +247,49 @@ def test_8bit_base_forward_and_merge():
         unmerged = model(x)
         model.merge_adapter()
         torch.testing.assert_close(model(x), unmerged, rtol=0.05, atol=0.05)  # 8-bit re-quantization
+
+
+def train_forward(model) -> torch.Tensor:
+    """One training-mode forward + backward (what a Trainer's first step does); returns the loss."""
+    model.train()
+    loss = model(**token_batches()[0]).loss
+    loss.backward()
+    return loss
+
+
+def test_training_a_gradient_init_adapter_before_its_initialization_is_refused():
+    model = get_peft_model(tiny_llama(), config())
+    with pytest.raises(RuntimeError, match=r"'default' has init='gradient'.*GradApproxInitCallback.*init_gradapprox"):
+        train_forward(model)
+
+
+def test_eval_and_no_grad_forwards_before_the_initialization_are_allowed(input_ids):
+    model = get_peft_model(tiny_llama(), config())
+    logits(model.eval(), input_ids)
+    model.train()
+    with torch.no_grad():
+        model(input_ids)
+
+
+def test_training_after_init_gradapprox_is_allowed():
+    model = get_peft_model(tiny_llama(), config())
+    init_gradapprox(model, token_batches(), progress=False)
+    assert torch.isfinite(train_forward(model))
+    assert q_proj(model).gax_B["default"].weight.grad is not None
+
+
+def test_lora_init_adapter_trains_without_initialization():
+    model = get_peft_model(tiny_llama(), config(init="lora"))
+    assert torch.isfinite(train_forward(model))
+
+
+def test_reloaded_gradient_initialised_adapter_trains_without_initialization(saved_adapter):
+    model = PeftModel.from_pretrained(tiny_llama(), saved_adapter, is_trainable=True)
+    assert torch.isfinite(train_forward(model))
+
+
+def test_reloaded_adapter_saved_before_its_initialization_is_refused_training(tmp_path):
+    get_peft_model(tiny_llama(), config()).save_pretrained(tmp_path / "never-initialised")
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "never-initialised", is_trainable=True)
+    with pytest.raises(RuntimeError, match="gradient initialization has not run"):
+        train_forward(model)

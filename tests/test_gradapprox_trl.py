@@ -48,6 +48,11 @@ def test_callback_runs_once(gradient_run):
     assert callback.report is report  # a second train() does not re-initialise a trained adapter
 
 
+def test_sft_trainer_without_the_callback_refuses_to_train_a_gradient_init_adapter(tmp_path):
+    with pytest.raises(RuntimeError, match=r"init='gradient'.*GradApproxInitCallback"):
+        sft_run(tmp_path, "gradient", 2, [])
+
+
 def test_trainer_with_explicit_batches(tmp_path):
     tokenizer = tiny_tokenizer()
     rows = [tokenizer(f"{i} plus 1 is {i + 1}.") for i in range(8)]

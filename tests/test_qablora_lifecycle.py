@@ -257,3 +257,11 @@ def test_bf16_compute_model_trains_and_merges(input_ids):
     expected = logits(adapted, input_ids).float()
     merged = adapted.merge_and_unload()
     assert relative_error(logits(merged, input_ids).float(), expected) < 0.02
+
+
+def test_parameter_count_includes_the_4bit_weights_as_peft_counts_bitsandbytes():
+    full_precision = sum(p.numel() for p in tiny_llama().parameters())
+    adapted = get_peft_model(quantize_model(tiny_llama()), QABLoRAConfig(target_modules=LLAMA_TARGETS))
+    trainable, total = adapted.get_nb_trainable_parameters()
+    assert trainable == sum(p.numel() for p in adapted.parameters() if p.requires_grad) > 0
+    assert total == full_precision + trainable  # every weight counted once, whether 16-bit or 4-bit

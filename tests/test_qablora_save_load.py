@@ -6,11 +6,12 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tiny import LLAMA_TARGETS, tiny_llama
 from transformers import AutoModelForCausalLM
@@ -187,3 +188,23 @@ def test_reloaded_merged_model_is_still_4bit(tmp_path, saved_adapter):
     layers = [m for m in reloaded.modules() if isinstance(m, TileInt4Linear)]
     assert len(layers) == 2 * len(LLAMA_TARGETS) and all(m.bits_per_weight() == 5.5 for m in layers)
     assert all(m.scale.dtype == torch.float16 and m.zero.dtype == torch.float32 for m in layers)
+
+
+def test_lora_like_alpha_warns_that_it_is_the_scale_itself():
+    with pytest.warns(UserWarning, match=r"lora_alpha=32 is the scale s.*not LoRA's alpha divided by r.*32x"):
+        QABLoRAConfig(target_modules=["q_proj"], lora_alpha=32)
+
+
+def test_default_and_small_alphas_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        QABLoRAConfig(target_modules=["q_proj"])
+        QABLoRAConfig(target_modules=["q_proj"], lora_alpha=2.0)
+
+
+def test_saved_config_with_a_lora_like_alpha_still_loads_with_its_value(tmp_path):
+    with pytest.warns(UserWarning):
+        QABLoRAConfig(target_modules=["q_proj"], lora_alpha=16).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="lora_alpha=16"):
+        loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, QABLoRAConfig) and loaded.lora_alpha == 16

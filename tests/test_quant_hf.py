@@ -1,9 +1,12 @@
 """Specification of the transformers integration of the tile INT4 format (quant method "tile_int4")."""
 
 import json
+import os
+import site
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,6 +186,36 @@ def test_save_then_plain_from_pretrained_is_bit_exact_in_fresh_process_after_rel
     result = torch.load(out)
     _assert_same_quant_state(result["state"], _quant_state(quantized))
     assert torch.equal(result["logits"], quantized(tokens).logits)
+
+
+def _startup_hook_installed() -> bool:
+    return any((Path(p) / "peft_balanced_startup.pth").exists() for p in site.getsitepackages())
+
+
+@pytest.mark.skipif(not _startup_hook_installed(), reason="needs the package installed (its .pth start-up hook)")
+def test_plain_from_pretrained_without_importing_the_plugin_raises_an_error_naming_the_import(q_dir):
+    script = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(q_dir)!r})"
+    repo_root = str(Path(__file__).resolve().parents[1])  # this tree's start-up hook, not another install's
+    env = {**os.environ, "PYTHONPATH": repo_root, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0, "loaded without error: the 4-bit layers would hold random weights"
+    assert "ValueError" in result.stderr, result.stderr[-2000:]
+    assert "'tile_int4'" in result.stderr and "import peft_balanced" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(not _startup_hook_installed(), reason="needs the package installed (its .pth start-up hook)")
+def test_the_start_up_hook_lets_a_load_through_once_the_plugin_is_imported_after_transformers(q_dir):
+    script = textwrap.dedent(
+        f"""
+        from transformers import AutoModelForCausalLM
+        import peft_balanced
+        model = AutoModelForCausalLM.from_pretrained({str(q_dir)!r})
+        print(type(model.model.layers[0].self_attn.q_proj).__name__)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.stdout.strip().endswith("TileInt4Linear"), result.stderr[-2000:]
 
 
 def test_quantize_model_output_saves_and_reloads_bit_exact(tmp_path, tokens):

@@ -115,3 +115,9 @@ def test_startup_hook_knows_every_owned_type():
     from peft_balanced import _startup
 
     assert set(_startup._OWNED) == set(OWNED_PEFT_TYPES)
+
+
+def test_skip_indivisible_that_skips_every_target_is_an_error_naming_them():
+    config = BLoRAConfig(r=2, balance_factor=3, target_modules=["q_proj", "k_proj"], skip_indivisible=True)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"adapted no module.*q_proj \(64 -> 64\)"):
+        get_peft_model(tiny_llama(), config)

@@ -184,7 +184,28 @@ class DequantizingMergeMixin:
                 outputs equal the adapted model's (no re-quantization error). With ``False`` a bitsandbytes base is
                 re-quantized after merging, as peft's LoRA does.
             dtype: dtype of the dequantized weights (default: the dtype they had before quantization).
+
+        Raises ``ValueError`` on a model whose adapters were already merged and unloaded (a second call would merge
+        nothing and return the first call's, possibly re-quantized, weights), and for ``dequantize=True`` on
+        adapters already merged into quantized weights (``merge_adapter()``), which would keep the re-quantization
+        error.
         """
+        layers = [m for m in self.model.modules() if isinstance(m, self.tuner_layer_cls)]
+        if not layers:
+            raise ValueError(
+                f"merge_and_unload: the model holds no {self.tuner_layer_cls.__name__} any more: its adapters were "
+                "already merged and unloaded (or unloaded). merge_and_unload() returns the merged model; a second "
+                "call would merge nothing and, with dequantize=True, only dequantize the re-quantized weights. Call "
+                "it once, with dequantize=True for a lossless 16-bit model or without for a re-quantized one."
+            )
+        merged_quantized = [m.module_name for m in layers if m.merged and m.quantization_backend is not None]
+        if dequantize and merged_quantized:
+            raise ValueError(
+                f"merge_and_unload(dequantize=True): the adapters are already merged into the quantized weights of "
+                f"{len(merged_quantized)} module(s), e.g. {merged_quantized[0]!r} (merge_adapter() re-quantized "
+                "them), so the result would keep the re-quantization error. Load the base model and the adapter "
+                "again and call merge_and_unload(dequantize=True) without merging first."
+            )
         if dequantize:
             for module in self.model.modules():
                 if isinstance(module, self.tuner_layer_cls) and module.quantization_backend is not None:

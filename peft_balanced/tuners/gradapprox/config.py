@@ -37,8 +37,9 @@ class GradApproxConfig(AdapterConfig):
         bias: ``"none"`` or ``"all"`` (train every bias of the model).
         modules_to_save: Extra modules trained fully and stored in the checkpoint.
         trainable_token_indices: Token indices whose embeddings are trained (peft's TrainableTokens).
-        init: ``"gradient"`` (LoRA-GA from the sketched gradient; until it runs the adapter is LoRA-initialised) or
-            ``"lora"`` (Kaiming-uniform ``A``, zero ``B``).
+        init: ``"gradient"`` (LoRA-GA from the sketched gradient; until it runs the adapter is LoRA-initialised
+            and a training forward raises an error, eval / no-grad forwards are allowed) or ``"lora"``
+            (Kaiming-uniform ``A``, zero ``B``).
         init_weights: ``True``: zero ``B`` at creation (LoRA); ``False``: random ``B`` (for tests).
         estimation_batches: Default number of batches the gradient sketch streams over.
         oversampling: Extra sketch columns: the range sketch has ``k = 2r + oversampling`` columns and the co-range

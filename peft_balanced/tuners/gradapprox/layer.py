@@ -80,6 +80,7 @@ class GradApproxLayer(DeltaWeightMerge, BaseTunerLayer):
         self.gax_A0 = BufferDict({}, persistent=True)
         self.gax_B0 = BufferDict({}, persistent=True)
         self.probe: GradientProbe | None = None
+        self.pending_gradient_init: set[str] = set()  # adapters with init="gradient" whose init has not run
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
@@ -104,6 +105,10 @@ class GradApproxLayer(DeltaWeightMerge, BaseTunerLayer):
         self.gax_A0[adapter_name] = torch.zeros(r, self.in_features)
         self.gax_B0[adapter_name] = torch.zeros(self.out_features, r)
         self.reset_parameters(adapter_name, config.init_weights)
+        if config.init == "gradient" and config.init_weights:
+            self.pending_gradient_init.add(adapter_name)
+        else:
+            self.pending_gradient_init.discard(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -137,6 +142,26 @@ class GradApproxLayer(DeltaWeightMerge, BaseTunerLayer):
                 raise ValueError(f"{self.module_name}: expected shape {tuple(param.shape)}, got {tuple(value.shape)}.")
             param.copy_(value.to(param.dtype))
             buffer[adapter_name] = param.detach().to(buffer[adapter_name].dtype).clone()
+        self.pending_gradient_init.discard(adapter_name)
+
+    def check_gradient_init_ran(self) -> None:
+        """Raise before training an active ``init="gradient"`` adapter whose gradient initialization never ran.
+
+        Without it training would silently start from LoRA's initialization while the saved config says
+        ``init: "gradient"``. A non-zero ``B0`` means the adapter was initialised elsewhere (a reloaded checkpoint);
+        it is checked once per adapter.
+        """
+        for name in [n for n in self.active_adapters if n in self.pending_gradient_init and n in self.gax_B0]:
+            if torch.any(self.gax_B0[name] != 0):
+                self.pending_gradient_init.discard(name)
+                continue
+            raise RuntimeError(
+                f"GradApprox adapter {name!r} has init='gradient' but its gradient initialization has not run "
+                f"(module {self.module_name!r}): training now would start from LoRA's initialization while "
+                "adapter_config.json says init='gradient'. Pass callbacks=[GradApproxInitCallback()] to the Trainer "
+                "/ SFTTrainer, or call peft_balanced.init_gradapprox(model, batches) before training; for LoRA's "
+                "initialization use GradApproxConfig(init='lora')."
+            )
 
     def is_at_initial_weights(self, adapter_name: str) -> bool:
         """``True`` if ``A == A0`` and ``B == B0`` (the adapter adds nothing yet)."""
@@ -179,6 +204,9 @@ class GradApproxLinear(AdditiveAdapterForward, nn.Module, GradApproxLayer):
         self.register_load_state_dict_pre_hook(check_adapter_shapes_on_load)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.pending_gradient_init and self.training and torch.is_grad_enabled() and self.probe is None:
+            if not (self.disable_adapters or self.merged):  # init_gradapprox's own forwards carry a probe
+                self.check_gradient_init_ran()
         result = super().forward(x, *args, **kwargs)
         if self.probe is not None:  # zero-valued gradient sketch, present only during init_gradapprox
             result = result + self.probe.output(x).to(result.dtype)

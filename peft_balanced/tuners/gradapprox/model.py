@@ -26,6 +26,13 @@ class GradApproxModel(AdapterNamesRoutingMixin, DequantizingMergeMixin, BaseTune
     tuner_layer_cls = GradApproxLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not implemented for GradApprox (peft's version is LoRA's and would fail deep inside the model)."""
+        raise NotImplementedError(
+            "add_weighted_adapter is not supported for GradApprox adapters (only BLoRA implements it, with "
+            "combination_type='cat'); activate several adapters together with set_adapter([...]) instead."
+        )
+
     def _create_and_replace(
         self,
         config: GradApproxConfig,

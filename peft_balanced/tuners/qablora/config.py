@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...quant.tile_int4 import check_tile
 from ..base_config import AdapterConfig
+
+# lora_alpha values at or above this look carried over from a LoRA config (alpha = r or 2r: 8, 16, 32, ...).
+LORA_LIKE_ALPHA = 8
 
 
 @dataclass
@@ -22,12 +26,13 @@ class QABLoRAConfig(AdapterConfig):
     ``quantize_model`` / ``TileInt4Config``) keeps merged logits within ~2e-6 of the attached adapter's; float16 β
     costs 1e-3 to 1e-2 on SmolLM2 (``benchmarks/qablora_merge_error.py``).
 
-    Scaling: ``s = lora_alpha``. There is no rank (``H`` is a full matrix on the tile grid), so LoRA's
-    ``lora_alpha / r`` has no reference to divide by; ``lora_alpha=1`` gives ``ΔW = H / λ1`` per weight.
+    Scaling: ``s = lora_alpha`` (default 1.0), **not** LoRA's ``lora_alpha / r``. There is no rank (``H`` is a full
+    matrix on the tile grid), so there is nothing to divide by; ``lora_alpha=1`` gives ``ΔW = H / λ1`` per weight.
+    A LoRA-style value (``lora_alpha=32``) makes the update 32 times larger; values >= 8 therefore warn.
 
     Args:
         tile: ``(λ1, λ2)``: λ1 input features x λ2 output features per tile; must equal the base's tile.
-        lora_alpha: The scaling ``s``.
+        lora_alpha: The scaling ``s`` itself (default 1.0; not divided by a rank).
         lora_dropout: Dropout probability applied to the adapter input (training only).
         target_modules: Module names (list: exact or suffix match; str: regex) or ``"all-linear"`` (every
             ``TileInt4Linear`` except the output layer; linears kept in full precision are left alone).
@@ -59,3 +64,11 @@ class QABLoRAConfig(AdapterConfig):
             self.tile = check_tile(self.tile)
         except ValueError as err:
             raise ValueError(f"QABLoRAConfig.{err}") from None
+        if self.lora_alpha >= LORA_LIKE_ALPHA:
+            warnings.warn(
+                f"QABLoRAConfig.lora_alpha={self.lora_alpha!r} is the scale s of the update itself (ΔW = s·H/λ1), "
+                f"not LoRA's alpha divided by r: this adapter's update is {self.lora_alpha:g}x that of the default "
+                "lora_alpha=1.0. If the value was carried over from a LoRA config, use lora_alpha=1.0.",
+                UserWarning,
+                stacklevel=3,
+            )

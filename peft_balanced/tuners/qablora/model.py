@@ -83,6 +83,13 @@ class QABLoRAModel(AdapterNamesRoutingMixin, BaseTuner):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             check_qablora_base(base, peft_config.tile, key)
 
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not implemented for QA-BLoRA (peft's version is LoRA's and would fail deep inside the model)."""
+        raise NotImplementedError(
+            "add_weighted_adapter is not supported for QA-BLoRA adapters (only BLoRA implements it, with "
+            "combination_type='cat'); merge the adapters one after another instead (each merge only shifts the zero points)."
+        )
+
     def _create_and_replace(
         self,
         config: QABLoRAConfig,
