@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import peft_balanced.quant.gemv as gemv  # noqa: E402
+import peft_balanced.quant.kernels.gemv as gemv  # noqa: E402
 from peft_balanced.quant import TileInt4Linear, dequantize_tiles, quantize_tiles  # noqa: E402
-from peft_balanced.quant.kernels import _triton_available  # noqa: E402
+from peft_balanced.quant.kernels import triton_available  # noqa: E402
 
 LINES: list[str] = []
 
@@ -194,8 +194,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 2048])
     parser.add_argument("--tune", action="store_true", help="sweep the fused kernel's block shapes first and use them")
     args = parser.parse_args()
-    if not (torch.cuda.is_available() and _triton_available()):
-        print("needs a CUDA GPU and Triton (and PEFT_BALANCED_DISABLE_TRITON unset)")
+    if not (torch.cuda.is_available() and triton_available()):
+        print("needs a CUDA GPU and Triton (and a kernel preference other than 'torch')")
         return 2
     import triton
 

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from peft_balanced.quant.nf4 import nf4_dequantize, nf4_linear  # noqa: E402
+from peft_balanced.quant.kernels.nf4 import nf4_dequantize, nf4_linear  # noqa: E402
 
 
 def nf4_layer(d_in: int, d_out: int):

@@ -6,9 +6,11 @@
 ``"tile_int4"`` quantization method with transformers. Importing twice, or reloading, is harmless.
 """
 
+from .export import export_gguf
 from .models import load_default_model
-from .quant import TileInt4Config, TileInt4Linear, export_gguf, quantize_model
+from .quant import TileInt4Config, TileInt4Linear, TileInt4Spec, quantize_model
 from .registry import count_packed_weights, register, reserve_owned_types
+from .settings import KernelPreference, get_kernel_preference, kernel_preference, set_kernel_preference
 from .tuners.blora import BLoRAConfig, BLoRALayer, BLoRALinear, BLoRAModel
 from .tuners.gradapprox import (
     GradApproxConfig,
@@ -40,14 +42,19 @@ __all__ = [
     "GradApproxModel",
     "GradApproxTrainer",
     "GradientApproximation",
+    "KernelPreference",
     "QABLoRAConfig",
     "QABLoRAModel",
     "TileInt4Config",
     "TileInt4Linear",
+    "TileInt4Spec",
     "__version__",
     "export_gguf",
+    "get_kernel_preference",
     "init_gradapprox",
+    "kernel_preference",
     "load_default_model",
     "quantize_model",
+    "set_kernel_preference",
     "with_gradient_approximator",
 ]

@@ -18,9 +18,11 @@ import time
 import warnings
 from collections.abc import Sequence
 
+from .utils import LLAMA_PROJECTIONS, set_submodule
+
 __all__ = ["build_adapter_config", "build_parser", "main", "merge_to_dense", "run_demo"]
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_TARGETS = list(LLAMA_PROJECTIONS)
 _DEMO_OUTPUTS = ("adapter", "merged", "summary.json")
 
 
@@ -75,8 +77,7 @@ def _merge_lora_dequantized(peft_model):
             if adapter in getattr(module, "lora_A", {})
         )
         linear.weight.data = linear.weight.data.float() + delta
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        set_submodule(model, name, linear)
     if hasattr(model, "peft_config"):
         del model.peft_config
     return model

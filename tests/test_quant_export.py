@@ -13,9 +13,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from peft_balanced import QABLoRAConfig
-from peft_balanced.quant import TileInt4Linear, export_gguf, quantize_model
-from peft_balanced.quant.export import llama_qk_row_order, tile_int4_to_q4_1
-from peft_balanced.quant.gguf_vocab import infer_pre_tokenizer
+from peft_balanced.export.gguf import export_gguf, infer_pre_tokenizer, llama_qk_row_order, tile_int4_to_q4_1
+from peft_balanced.quant import TileInt4Linear, quantize_model
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",

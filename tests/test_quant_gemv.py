@@ -1,12 +1,12 @@
-"""Fused small-M INT4 matmul (quant/gemv.py): its math and routing on CPU; the Triton kernel itself on CUDA."""
+"""Fused small-M INT4 matmul (quant/kernels/gemv.py): its math and routing on CPU; the Triton kernel itself on CUDA."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import peft_balanced.quant.gemv as gemv
-import peft_balanced.quant.kernels as kernels
+import peft_balanced.quant.kernels.gemv as gemv
+import peft_balanced.quant.kernels.support as kernels
 import peft_balanced.quant.linear as linear_mod
 from peft_balanced.quant import TileInt4Linear, dequantize_tiles, quantize_tiles
 
@@ -75,9 +75,9 @@ def test_disable_env_var_turns_triton_off(monkeypatch):
     monkeypatch.setattr(kernels.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(kernels, "_triton_importable", lambda: True)
     monkeypatch.delenv("PEFT_BALANCED_DISABLE_TRITON", raising=False)
-    assert kernels._triton_available()
+    assert kernels.triton_available()
     monkeypatch.setenv("PEFT_BALANCED_DISABLE_TRITON", "1")
-    assert not kernels._triton_available()
+    assert not kernels.triton_available()
 
 
 def test_forward_passes_token_count_dtype_and_device_to_the_routing_rule(monkeypatch):
@@ -112,7 +112,7 @@ def test_cpu_forward_never_calls_the_fused_kernel(monkeypatch):
 def _needs_triton():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    if not kernels._triton_available():
+    if not kernels.triton_available():
         pytest.skip("needs Triton")
 
 
@@ -159,7 +159,7 @@ def test_cuda_fused_kernel_and_dequantize_handle_fp32_zero_points_with_fp16_scal
     packed, scale, zero = (t.cuda() for t in quantize_tiles(weight, (4, 8), torch.float16, zero_dtype=torch.float32))
     assert zero.dtype == torch.float32
     reference = dequantize_tiles(packed, scale, zero, (4, 8), torch.float64)
-    assert torch.equal(kernels.triton_dequantize_tiles(packed, scale, zero, (4, 8), torch.float32), reference.float())
+    assert torch.equal(gemv.triton_dequantize_tiles(packed, scale, zero, (4, 8), torch.float32), reference.float())
     x = torch.randn(tokens, 512, device="cuda").to(torch.bfloat16)
     y = gemv.tile_int4_gemv(x, packed, scale, zero, (4, 8), None)
     assert _rel(y, x.double() @ reference.T) < 1e-2

@@ -341,9 +341,9 @@ def test_cuda_quantization_is_bit_identical_to_cpu(scale_dtype):
 @pytest.mark.parametrize("out_dtype", SCALE_DTYPES)
 @pytest.mark.parametrize(("shape", "tile"), [((72, 200), (4, 8)), ((64, 96), (3, 8)), ((1024, 2048), (8, 8))])
 def test_cuda_triton_dequantize_is_bit_identical_to_torch_reference(shape, tile, out_dtype):
-    from peft_balanced.quant.kernels import _triton_available, triton_dequantize_tiles
+    from peft_balanced.quant.kernels import triton_available, triton_dequantize_tiles
 
-    if not _triton_available():
+    if not triton_available():
         pytest.skip("needs Triton")
     packed, scale, zero = quantize_tiles(_weight(*shape).cuda(), tile, torch.float16)
     expected = dequantize_tiles(packed, scale, zero, tile, out_dtype)

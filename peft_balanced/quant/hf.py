@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -21,17 +22,20 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .linear import TileInt4Linear, _set_submodule, iter_quantizable_linears
-from .tile_int4 import (
-    DEFAULT_ZERO_DTYPE,
-    check_tile,
-    dtype_name,
-    quantize_tiles,
-    resolve_scale_dtype,
-    resolve_zero_dtype,
-)
+from ..utils import linear_from_weight, set_submodule
+from .linear import TileInt4Linear
+from .select import iter_quantizable_linears
+from .spec import TileInt4Spec
+from .tile_int4 import DEFAULT_ZERO_DTYPE, dtype_name, quantize_tiles
 
-__all__ = ["QUANT_METHOD", "TileInt4Config", "TileInt4HfQuantizer", "attach_quantization_config", "register"]
+__all__ = [
+    "QUANT_METHOD",
+    "TileInt4Config",
+    "TileInt4HfQuantizer",
+    "attach_quantization_config",
+    "register",
+    "tied_module_names",
+]
 
 QUANT_METHOD = "tile_int4"
 
@@ -62,13 +66,22 @@ class TileInt4Config(QuantizationConfigMixin):
         if kwargs:
             warnings.warn(f"TileInt4Config: ignoring unknown fields {sorted(kwargs)}", stacklevel=2)
         self.quant_method = QUANT_METHOD
-        self.tile = check_tile(tile)
-        if isinstance(skip_modules, str):
-            skip_modules = [skip_modules]
-        self.skip_modules = list(skip_modules or [])
-        self.scale_dtype = dtype_name(resolve_scale_dtype(scale_dtype))
-        self.skip_indivisible = bool(skip_indivisible)
-        self.zero_dtype = self.scale_dtype if zero_dtype is None else dtype_name(resolve_zero_dtype(zero_dtype))
+        spec = TileInt4Spec(tile, scale_dtype, zero_dtype, skip_modules, skip_indivisible)
+        self.tile = spec.tile
+        self.skip_modules = list(spec.skip_modules)
+        self.scale_dtype = dtype_name(spec.scale_dtype)
+        self.skip_indivisible = spec.skip_indivisible
+        self.zero_dtype = dtype_name(spec.zero_dtype)
+
+    @classmethod
+    def from_spec(cls, spec: TileInt4Spec) -> TileInt4Config:
+        """The transformers config of ``spec``."""
+        return cls(spec.tile, spec.skip_modules, spec.scale_dtype, spec.skip_indivisible, spec.zero_dtype)
+
+    @property
+    def spec(self) -> TileInt4Spec:
+        """This config as a :class:`TileInt4Spec` (the object the rest of the package takes)."""
+        return TileInt4Spec(self.tile, self.scale_dtype, self.zero_dtype, self.skip_modules, self.skip_indivisible)
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
@@ -79,21 +92,14 @@ class TileInt4Config(QuantizationConfigMixin):
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
-        return resolve_scale_dtype(self.scale_dtype)
+        return self.spec.scale_dtype
 
     @property
     def torch_zero_dtype(self) -> torch.dtype:
-        return resolve_zero_dtype(self.zero_dtype)
+        return self.spec.zero_dtype
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "quant_method": QUANT_METHOD,
-            "tile": list(self.tile),
-            "skip_modules": list(self.skip_modules),
-            "scale_dtype": self.scale_dtype,
-            "zero_dtype": self.zero_dtype,
-            "skip_indivisible": self.skip_indivisible,
-        }
+        return {"quant_method": QUANT_METHOD, **self.spec.to_dict()}
 
 
 class TileInt4Quantize(ConversionOps):
@@ -144,7 +150,7 @@ def _checkpoint_quantized_modules(checkpoint_files: list[str] | None) -> set[str
     return names
 
 
-def _tied_module_names(model: nn.Module) -> list[str]:
+def tied_module_names(model: nn.Module) -> list[str]:
     """Modules whose weight is tied (e.g. ``lm_head`` to the embeddings): quantizing them would break the tie."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     keys = set(tied) | set(tied.values())
@@ -163,46 +169,41 @@ class TileInt4HfQuantizer(HfQuantizer):
 
     @property
     def quantized_element_size(self) -> float:
-        cfg = self.quantization_config
-        l1, l2 = cfg.tile
-        bits = 4 + (torch.finfo(cfg.torch_scale_dtype).bits + torch.finfo(cfg.torch_zero_dtype).bits) / (l1 * l2)
-        return bits / 8
+        return self.quantization_config.spec.bits_per_weight() / 8
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        cfg = self.quantization_config
+        spec = self.quantization_config.spec
         selected = None
         if self.pre_quantized:
             in_checkpoint = _checkpoint_quantized_modules(checkpoint_files)
             if in_checkpoint is not None:
                 prefix = getattr(model, "base_model_prefix", "")
+                every_fitting = dataclasses.replace(spec, skip_modules=(), skip_indivisible=True)
                 selected = [
                     (name, module)
-                    for name, module in iter_quantizable_linears(model, cfg.tile, (), skip_indivisible=True)
+                    for name, module in iter_quantizable_linears(model, every_fitting)
                     if _strip_prefix_match(name, in_checkpoint, prefix)
                 ]
                 if in_checkpoint and not selected:  # checkpoint keys are renamed on load: use the config's rule
                     selected = None
         if selected is None:
-            skip = list(cfg.skip_modules) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
-            skip += _tied_module_names(model)
-            selected = list(iter_quantizable_linears(model, cfg.tile, skip, cfg.skip_indivisible))
+            also_skip = list(getattr(model, "_keep_in_fp32_modules", None) or []) + tied_module_names(model)
+            selected = list(iter_quantizable_linears(model, spec, also_skip))
         for name, linear in selected:
             module = TileInt4Linear(
                 linear.in_features,
                 linear.out_features,
-                tile=cfg.tile,
+                spec,
                 bias=linear.bias is not None,
-                scale_dtype=cfg.torch_scale_dtype,
                 compute_dtype=linear.weight.dtype,
                 device="meta",
                 name=name,
-                zero_dtype=cfg.torch_zero_dtype,
             )
             if linear.bias is not None:
                 module.bias = torch.empty_like(linear.bias, device="meta")
             if not self.pre_quantized:  # placeholder that receives the checkpoint weight, see TileInt4Quantize
                 module.weight = nn.Parameter(torch.empty_like(linear.weight, device="meta"), requires_grad=False)
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -224,18 +225,7 @@ class TileInt4HfQuantizer(HfQuantizer):
         for name, module in list(model.named_modules()):
             if isinstance(module, TileInt4Linear):
                 weight = module.dequantize(dtype or module.compute_dtype)
-                linear = nn.Linear(
-                    module.in_features,
-                    module.out_features,
-                    bias=module.bias is not None,
-                    device=weight.device,
-                    dtype=weight.dtype,
-                )
-                with torch.no_grad():
-                    linear.weight.copy_(weight)
-                    if module.bias is not None:
-                        linear.bias.copy_(module.bias)
-                _set_submodule(model, name, linear)
+                set_submodule(model, name, linear_from_weight(weight, module.bias, trainable=True))
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:
@@ -250,14 +240,7 @@ class TileInt4HfQuantizer(HfQuantizer):
         return False
 
 
-def attach_quantization_config(
-    model: nn.Module,
-    tile: tuple[int, int],
-    skip_modules: Iterable[str],
-    scale_dtype: torch.dtype,
-    skip_indivisible: bool,
-    zero_dtype: torch.dtype | None = None,
-) -> None:
+def attach_quantization_config(model: nn.Module, spec: TileInt4Spec) -> None:
     """Make a transformers model quantized by ``quantize_model`` look as if loaded with ``TileInt4Config``."""
     from transformers import PreTrainedModel
     from transformers.quantizers.base import _assign_is_quantized
@@ -272,7 +255,7 @@ def attach_quantization_config(
             stacklevel=3,
         )
         return
-    config = TileInt4Config(tile, list(skip_modules), scale_dtype, skip_indivisible, zero_dtype)
+    config = TileInt4Config.from_spec(spec)
     model.config.quantization_config = config
     model.hf_quantizer = TileInt4HfQuantizer(config, pre_quantized=False)
     model.is_quantized = True

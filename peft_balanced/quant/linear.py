@@ -1,27 +1,20 @@
-"""``TileInt4Linear``: a frozen linear layer stored in the 2-D-tile INT4 format, and ``quantize_model``."""
+"""``TileInt4Linear``: a frozen linear layer stored in the 2-D-tile INT4 format."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gemv import fused_linear, use_gemv
-from .kernels import _triton_available, triton_dequantize_tiles
-from .tile_int4 import (
-    DEFAULT_ZERO_DTYPE,
-    check_tile,
-    check_tile_shape,
-    dequantize_tiles,
-    dtype_name,
-    quantize_tiles,
-    resolve_scale_dtype,
-    resolve_zero_dtype,
-)
+from .kernels.gemv import fused_linear, use_gemv
+from .kernels.int4 import triton_dequantize_tiles
+from .kernels.support import triton_available
+from .spec import TileInt4Spec
+from .tile_int4 import check_tile_shape, dequantize_tiles, dtype_name, quantize_tiles
 
-__all__ = ["TileInt4Linear", "iter_quantizable_linears", "quantize_model"]
+__all__ = ["TileInt4Linear"]
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -59,7 +52,7 @@ class TileInt4Linear(nn.Module):
         self,
         in_features: int,
         out_features: int,
-        tile: tuple[int, int] = (4, 8),
+        tile: TileInt4Spec | tuple[int, int] = (4, 8),
         bias: bool = True,
         scale_dtype: torch.dtype | str = torch.float16,
         compute_dtype: torch.dtype | None = None,
@@ -67,20 +60,20 @@ class TileInt4Linear(nn.Module):
         name: str | None = None,
         zero_dtype: torch.dtype | str | None = None,
     ) -> None:
+        """``tile`` is a :class:`TileInt4Spec` (then ``scale_dtype`` / ``zero_dtype`` are ignored) or the tile of
+        one built from ``tile``, ``scale_dtype`` and ``zero_dtype`` (``None``: the scale's dtype)."""
         super().__init__()
-        tile = check_tile(tile)
-        check_tile_shape(out_features, in_features, tile, name)
-        scale_dtype = resolve_scale_dtype(scale_dtype)
-        zero_dtype = scale_dtype if zero_dtype is None else resolve_zero_dtype(zero_dtype)
+        spec = tile if isinstance(tile, TileInt4Spec) else TileInt4Spec(tile, scale_dtype, zero_dtype)
+        check_tile_shape(out_features, in_features, spec.tile, name)
         self.in_features = in_features
         self.out_features = out_features
-        self.tile = tile
+        self.tile = spec.tile
         self.compute_dtype = compute_dtype or torch.get_default_dtype()
-        l1, l2 = tile
+        l1, l2 = spec.tile
         grid = (out_features // l2, in_features // l1)
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scale", torch.zeros(grid, dtype=scale_dtype, device=device))
-        self.register_buffer("zero", torch.zeros(grid, dtype=zero_dtype, device=device))
+        self.register_buffer("scale", torch.zeros(grid, dtype=spec.scale_dtype, device=device))
+        self.register_buffer("zero", torch.zeros(grid, dtype=spec.zero_dtype, device=device))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=self.compute_dtype, device=device))
         else:
@@ -92,27 +85,27 @@ class TileInt4Linear(nn.Module):
     def from_linear(
         cls,
         linear: nn.Linear,
-        tile: tuple[int, int] = (4, 8),
+        tile: TileInt4Spec | tuple[int, int] = (4, 8),
         scale_dtype: torch.dtype | str = torch.float16,
         name: str | None = None,
         zero_dtype: torch.dtype | str | None = None,
     ) -> TileInt4Linear:
         """Quantize ``linear.weight`` (round-to-nearest) into a new module on the same device.
 
-        ``compute_dtype`` is ``linear.weight.dtype``; ``bias`` is copied unchanged. ``name`` appears in errors;
-        ``zero_dtype=None`` stores the zero points in ``scale_dtype``.
+        ``tile`` is a :class:`TileInt4Spec` or a tile (then with ``scale_dtype`` and ``zero_dtype``, ``None``: the
+        scale's dtype). ``compute_dtype`` is ``linear.weight.dtype``; ``bias`` is copied unchanged. ``name`` appears
+        in errors.
         """
+        spec = tile if isinstance(tile, TileInt4Spec) else TileInt4Spec(tile, scale_dtype, zero_dtype)
         weight = linear.weight
         module = cls(
             linear.in_features,
             linear.out_features,
-            tile=tile,
+            spec,
             bias=linear.bias is not None,
-            scale_dtype=scale_dtype,
             compute_dtype=weight.dtype,
             device=weight.device,
             name=name,
-            zero_dtype=zero_dtype,
         )
         packed, scale, zero = quantize_tiles(weight, module.tile, module.scale.dtype, name, module.zero.dtype)
         module.qweight.copy_(packed)
@@ -123,6 +116,11 @@ class TileInt4Linear(nn.Module):
         return module
 
     # ------------------------------------------------------------------ properties
+    @property
+    def spec(self) -> TileInt4Spec:
+        """The format of this layer (``skip_modules`` / ``skip_indivisible`` are model-level and left empty)."""
+        return TileInt4Spec(self.tile, self.scale.dtype, self.zero.dtype, skip_modules=())
+
     @property
     def scale_dtype(self) -> torch.dtype:
         return self.scale.dtype
@@ -148,7 +146,7 @@ class TileInt4Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Full weight ``W~`` of shape ``(out_features, in_features)`` in ``dtype`` (default ``compute_dtype``)."""
         dtype = dtype or self.compute_dtype
-        if self.qweight.is_cuda and _triton_available():
+        if self.qweight.is_cuda and triton_available():
             return triton_dequantize_tiles(self.qweight, self.scale, self.zero, self.tile, dtype)
         return dequantize_tiles(self.qweight, self.scale, self.zero, self.tile, dtype)
 
@@ -157,7 +155,7 @@ class TileInt4Linear(nn.Module):
         bias = self.bias.to(dtype) if self.bias is not None else None
         tokens = x.numel() // self.in_features if self.in_features else 0
         param_grad = self.scale.requires_grad or self.zero.requires_grad or (bias is not None and bias.requires_grad)
-        if use_gemv(tokens, self.tile, dtype, x.device.type, x.is_cuda and _triton_available(), param_grad):
+        if use_gemv(tokens, self.tile, dtype, x.device.type, x.is_cuda and triton_available(), param_grad):
             return fused_linear(x.to(dtype), self.qweight, self.scale, self.zero, self.tile, bias)  # few tokens
         weight = self.dequantize(dtype)
         return F.linear(x, weight, bias)
@@ -209,93 +207,3 @@ class TileInt4Linear(nn.Module):
             f"tile={self.tile}, scale_dtype={dtype_name(self.scale.dtype)}, zero_dtype={dtype_name(self.zero.dtype)}, "
             f"compute_dtype={dtype_name(self.compute_dtype)}"
         )
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` holding a plain float weight (not bnb/other quantized subclasses, not MHA's out_proj)."""
-    if not isinstance(module, nn.Linear) or isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return False
-    weight = getattr(module, "weight", None)
-    return type(weight) in (nn.Parameter, torch.Tensor) and weight.is_floating_point()
-
-
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    """``True`` if module ``name`` equals a pattern or ends with ``"." + pattern``."""
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def iter_quantizable_linears(
-    model: nn.Module,
-    tile: tuple[int, int],
-    skip_modules: Iterable[str] = ("lm_head",),
-    skip_indivisible: bool = False,
-) -> Iterator[tuple[str, nn.Linear]]:
-    """Yield ``(name, linear)`` for every ``nn.Linear`` of ``model`` that :func:`quantize_model` replaces.
-
-    Skips modules whose name matches ``skip_modules`` by suffix; a linear whose shape does not fit ``tile`` raises a
-    ``ValueError`` naming it, or is skipped when ``skip_indivisible``. The list is materialised before yielding so the
-    caller may replace modules while iterating.
-    """
-    tile = check_tile(tile)
-    skip_modules = [skip_modules] if isinstance(skip_modules, str) else list(skip_modules or ())
-    selected = []
-    for name, module in model.named_modules():
-        if not _is_plain_linear(module):
-            continue
-        if _matches(name, skip_modules):
-            continue
-        try:
-            check_tile_shape(module.out_features, module.in_features, tile, name)
-        except ValueError as err:
-            if skip_indivisible:
-                continue
-            raise ValueError(f"{err}. Add it to skip_modules or pass skip_indivisible=True.") from None
-        selected.append((name, module))
-    yield from selected
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-@torch.no_grad()
-def quantize_model(
-    model: nn.Module,
-    tile: tuple[int, int] = (4, 8),
-    skip_modules: Iterable[str] = ("lm_head",),
-    scale_dtype: torch.dtype | str = torch.float16,
-    skip_indivisible: bool = False,
-    zero_dtype: torch.dtype | str | None = DEFAULT_ZERO_DTYPE,
-) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` of ``model`` by a :class:`TileInt4Linear`; returns ``model``.
-
-    Args:
-        model: any module; a transformers ``PreTrainedModel`` also gets a ``TileInt4Config`` as its
-            ``config.quantization_config`` and a quantizer, so that ``save_pretrained`` writes a checkpoint that
-            ``from_pretrained(path)`` reloads bit-exactly.
-        tile: ``(l1, l2)`` input x output features per tile.
-        skip_modules: module names kept in full precision, matched by suffix (``"lm_head"`` matches
-            ``"model.lm_head"``). Linears with tied weights (transformers ``all_tied_weights_keys``) are kept too.
-        scale_dtype: storage dtype of the scales (alpha).
-        skip_indivisible: keep linears whose shape does not fit ``tile`` instead of raising.
-        zero_dtype: storage dtype of the zero points (beta); ``None`` means ``scale_dtype``. The default float32
-            keeps QA-BLoRA merges (which shift beta) at float32 precision for 16 more bits per tile than fp16 (4x8
-            tiles: 5.5 instead of 5.0 bits per weight); fp16 beta costs ~1e-3 relative error in merged logits (see
-            ``DEFAULT_ZERO_DTYPE``). GGUF Q4_1 export needs ``"float16"``.
-    """
-    tile = check_tile(tile)
-    scale_dtype = resolve_scale_dtype(scale_dtype)
-    zero_dtype = scale_dtype if zero_dtype is None else resolve_zero_dtype(zero_dtype)
-    skip_modules = [skip_modules] if isinstance(skip_modules, str) else list(skip_modules or ())
-    from .hf import _tied_module_names, attach_quantization_config  # local import: transformers stays optional here
-
-    skip = skip_modules + _tied_module_names(model)
-    targets = list(iter_quantizable_linears(model, tile, skip, skip_indivisible))
-    if not targets and isinstance(model, nn.Linear):
-        raise ValueError("quantize_model expects a model containing linears; use TileInt4Linear.from_linear")
-    for name, linear in targets:
-        _set_submodule(model, name, TileInt4Linear.from_linear(linear, tile, scale_dtype, name, zero_dtype))
-    attach_quantization_config(model, tile, skip_modules, scale_dtype, skip_indivisible, zero_dtype)
-    return model

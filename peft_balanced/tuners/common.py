@@ -14,7 +14,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
-from ..quant.nf4 import nf4_linear, uses_fast_nf4
+from ..quant.kernels.nf4 import nf4_linear, uses_fast_nf4
+from ..utils import linear_from_weight, set_submodule
 
 
 def undo_bnb_cpu_repack(module: nn.Module) -> None:
@@ -51,7 +52,7 @@ def dequantized_linear(module: nn.Module, dtype: torch.dtype | None = None) -> n
     """
     if is_tile_int4(module):
         weight = module.dequantize(dtype or module.compute_dtype)
-        return _linear_with(weight, module.bias)
+        return linear_from_weight(weight, module.bias)
     backend = resolve_quantization_backend(module)
     if backend is None:
         return module
@@ -59,16 +60,7 @@ def dequantized_linear(module: nn.Module, dtype: torch.dtype | None = None) -> n
         raise TypeError(f"{backend.backend_name} layers cannot be dequantized.")
     undo_bnb_cpu_repack(module)
     weight = backend.get_base_weight(module)
-    return _linear_with(weight.to(dtype or weight.dtype), module.bias)
-
-
-def _linear_with(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """A frozen ``nn.Linear`` holding ``weight: (D_out, D_in)`` and ``bias`` (cast to the weight's dtype)."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
-    return linear
+    return linear_from_weight(weight.to(dtype or weight.dtype), module.bias)
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, skip: Iterable[nn.Module] = ()) -> nn.Module:
@@ -82,11 +74,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, skip: I
             continue
         if resolve_quantization_backend(module) is None and not is_tile_int4(module):
             continue
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        if isinstance(parent, BaseTunerLayer):
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), BaseTunerLayer):
             continue
-        setattr(parent, child_name, dequantized_linear(module, dtype))
+        set_submodule(model, name, dequantized_linear(module, dtype))
     clear_quantization_markers(model)
     return model
 

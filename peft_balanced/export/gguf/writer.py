@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .linear import TileInt4Linear
-from .tile_int4 import dtype_name, unpack_int4
+from ...quant.linear import TileInt4Linear
+from ...quant.tile_int4 import dtype_name, unpack_int4
+from .vocab import write_tokenizer
 
 __all__ = ["Q4_1_BLOCK", "export_gguf", "llama_qk_row_order", "tile_int4_to_q4_1"]
 
@@ -270,7 +271,6 @@ def export_gguf(
         The path written.
     """
     gguf = _import_gguf()
-    from .gguf_vocab import write_tokenizer
 
     model = _unwrap(model)
     config = _check_llama(model)

@@ -9,21 +9,21 @@ CUDA tests). The product is ``F.linear`` on that weight, so outputs differ from 
 choosing another kernel (bf16 rounding). The dequantized weight is not kept for the backward: it is recomputed.
 
 The adapter layers use it for bitsandbytes NF4 bases on CUDA when more than :data:`MIN_TOKENS` tokens go through
-(short inputs keep bitsandbytes' inference GEMV). ``PEFT_BALANCED_DISABLE_FAST_NF4=1`` (or
-``PEFT_BALANCED_DISABLE_TRITON=1``) turns it off.
+(short inputs keep bitsandbytes' inference GEMV), through the fast-NF4 quantization backend
+(``peft_balanced.backends``). ``peft_balanced.set_kernel_preference("bitsandbytes")`` (or ``"torch"``) turns it off.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import _triton_available
+from ...settings import fast_nf4_allowed
+from .support import triton_available
 
 __all__ = ["MIN_TOKENS", "nf4_dequantize", "nf4_dequantize_reference", "nf4_linear", "uses_fast_nf4"]
 
@@ -98,7 +98,7 @@ def nf4_dequantize(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype | 
     """
     dtype = dtype or quant_state.dtype
     blocksize = quant_state.blocksize
-    if not (packed.is_cuda and _triton_available() and blocksize % 2 == 0 and blocksize & (blocksize - 1) == 0):
+    if not (packed.is_cuda and triton_available() and blocksize % 2 == 0 and blocksize & (blocksize - 1) == 0):
         return nf4_dequantize_reference(packed, quant_state, dtype)
     triton, kernel = _build_kernel()  # pragma: no cover - needs CUDA
     out = torch.empty(quant_state.shape, dtype=dtype, device=packed.device)
@@ -168,6 +168,4 @@ def uses_fast_nf4(module: nn.Module, x: torch.Tensor) -> bool:
         return False
     if getattr(quant_state, "packing_format_for_cpu", False):
         return False
-    if os.environ.get("PEFT_BALANCED_DISABLE_FAST_NF4", "0") not in ("", "0", "false", "False"):
-        return False
-    return _triton_available()
+    return fast_nf4_allowed() and triton_available()

@@ -26,6 +26,9 @@ import functools
 
 import torch
 
+from ..tile_int4 import unpack_int4
+from .int4 import triton_dequantize_tiles
+
 __all__ = [
     "GEMV_MAX_TOKENS",
     "fused_linear",
@@ -64,7 +67,7 @@ def use_gemv(
     needs_param_grad: bool = False,
 ) -> bool:
     """Routing rule of ``TileInt4Linear.forward``: the fused kernel for 1..``GEMV_MAX_TOKENS`` tokens on CUDA with
-    Triton usable (see ``kernels._triton_available``), a supported tile/dtype, and no gradient wanted for
+    Triton usable (see ``kernels.support.triton_available``), a supported tile/dtype, and no gradient wanted for
     scale/zero/bias; otherwise dequantize + ``F.linear``."""
     return (
         device_type == "cuda"
@@ -84,7 +87,6 @@ def gemv_reference(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch version of the kernel's decomposition, in float32: ``(M, D_in) -> (M, D_out)`` float32."""
-    from .tile_int4 import unpack_int4
 
     l1, l2 = tile
     m, d_in = x.shape
@@ -431,8 +433,6 @@ class _FusedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # pragma: no cover - needs CUDA
-        from .kernels import triton_dequantize_tiles
-
         packed, scale, zero = ctx.saved_tensors
         weight = triton_dequantize_tiles(packed, scale, zero, ctx.tile, grad.dtype)
         return grad @ weight, None, None, None, None, None

@@ -1,39 +1,23 @@
-"""Optional Triton kernel for the CUDA path of :class:`TileInt4Linear`.
+"""Optional Triton kernel for the CUDA path of :class:`~peft_balanced.quant.TileInt4Linear`.
 
 The torch reference (``tile_int4.dequantize_tiles``) runs everywhere; on CUDA with Triton (>= 3.0, for
 ``tl.interleave``) installed, dequantization runs as one fused kernel instead of unpack / multiply / add passes
 (H200, 4096x4096 to bf16: 28 us vs 240 us; ``dequant_tiles_kernel``, used when ``l1`` is an even power of two, is
 faster still). Both compute ``q * alpha + beta`` in float32 without FMA contraction and round once to the output
 dtype, so they are bit-identical to the torch reference. The matmul itself stays ``F.linear`` (cuBLAS) here; for a
-few tokens ``TileInt4Linear`` uses the fused kernel of ``gemv.py`` instead. Set ``PEFT_BALANCED_DISABLE_TRITON=1``
-to force the torch path.
+few tokens ``TileInt4Linear`` uses the fused kernel of ``gemv.py`` instead.
+``peft_balanced.set_kernel_preference("torch")`` forces the torch path.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-__all__ = ["_triton_available", "triton_dequantize_tiles"]
+from ..tile_int4 import dequantize_tiles
 
-
-@functools.lru_cache(maxsize=1)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language as tl
-    except Exception:
-        return False
-    return hasattr(tl, "interleave")
-
-
-def _triton_available() -> bool:
-    """True when the Triton dequantize kernel can run: CUDA present, Triton importable, not disabled by env."""
-    if os.environ.get("PEFT_BALANCED_DISABLE_TRITON", "0") not in ("", "0", "false", "False"):
-        return False
-    return torch.cuda.is_available() and _triton_importable()
+__all__ = ["triton_dequantize_tiles"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,8 +110,6 @@ def triton_dequantize_tiles(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:  # pragma: no cover - needs CUDA
     """Triton version of ``dequantize_tiles`` (same arguments and result); falls back to torch when not applicable."""
-    from .tile_int4 import dequantize_tiles
-
     usable = (
         packed.is_cuda
         and scale.device == packed.device

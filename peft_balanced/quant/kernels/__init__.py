@@ -1,0 +1,25 @@
+"""Kernels of the quantized layers (CUDA + Triton; every one has a torch reference that runs anywhere).
+
+* :mod:`.int4`: dequantize the 2-D-tile INT4 format in one kernel.
+* :mod:`.gemv`: fused small-batch ``x W~ᵀ`` straight from packed tile-INT4 codes.
+* :mod:`.nf4`: dequantize a bitsandbytes NF4 weight in one kernel, and a linear built on it.
+* :mod:`.support`: whether Triton can run (and is allowed by ``peft_balanced.settings``).
+"""
+
+from .gemv import fused_linear, gemv_reference, tile_int4_gemv, use_gemv
+from .int4 import triton_dequantize_tiles
+from .nf4 import nf4_dequantize, nf4_dequantize_reference, nf4_linear, uses_fast_nf4
+from .support import triton_available
+
+__all__ = [
+    "fused_linear",
+    "gemv_reference",
+    "nf4_dequantize",
+    "nf4_dequantize_reference",
+    "nf4_linear",
+    "tile_int4_gemv",
+    "triton_available",
+    "triton_dequantize_tiles",
+    "use_gemv",
+    "uses_fast_nf4",
+]
