@@ -64,7 +64,7 @@ def _merge_lora_dequantized(peft_model):
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from .tuners.common import dequantized_linear
+    from .tuners.merging import dequantized_linear
 
     model = peft_model.get_base_model()
     for name, module in list(model.named_modules()):

@@ -39,19 +39,16 @@ def register(name: str, config_cls: type, model_cls: type, prefix: str) -> None:
     If a previous import registered older class objects (e.g. after ``importlib.reload``), the mappings are
     pointed at the new classes so that ``isinstance`` checks keep working.
     """
-    from peft.mapping import (
-        PEFT_TYPE_TO_CONFIG_MAPPING,
-        PEFT_TYPE_TO_PREFIX_MAPPING,
-        PEFT_TYPE_TO_TUNER_MAPPING,
-    )
+    from ._compat import peft_method_mappings
 
+    config_mapping, tuner_mapping, prefix_mapping = peft_method_mappings()
     peft_type = extend_peft_type(name)
-    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
-        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
-        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
-        PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
+    if peft_type in config_mapping:
+        config_mapping[peft_type] = config_cls
+        tuner_mapping[peft_type] = model_cls
+        prefix_mapping[peft_type] = prefix
         return
-    for other_type, other_prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items():
+    for other_type, other_prefix in prefix_mapping.items():
         if other_prefix in prefix or prefix in other_prefix:
             raise ValueError(
                 f"Prefix {prefix!r} of {name} overlaps the prefix {other_prefix!r} of {other_type}; peft matches "

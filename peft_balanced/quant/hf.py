@@ -17,11 +17,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.core_model_loading import ConversionOps
-from transformers.quantizers.base import HfQuantizer
-from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .._compat import ConversionOps, HfQuantizer, assign_is_quantized, get_module_from_name
 from ..utils import linear_from_weight, set_submodule
 from .linear import TileInt4Linear
 from .select import iter_quantizable_linears
@@ -243,7 +241,6 @@ class TileInt4HfQuantizer(HfQuantizer):
 def attach_quantization_config(model: nn.Module, spec: TileInt4Spec) -> None:
     """Make a transformers model quantized by ``quantize_model`` look as if loaded with ``TileInt4Config``."""
     from transformers import PreTrainedModel
-    from transformers.quantizers.base import _assign_is_quantized
 
     if not isinstance(model, PreTrainedModel):
         return
@@ -260,7 +257,7 @@ def attach_quantization_config(model: nn.Module, spec: TileInt4Spec) -> None:
     model.hf_quantizer = TileInt4HfQuantizer(config, pre_quantized=False)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
-    _assign_is_quantized(model)
+    assign_is_quantized(model)
 
 
 def _register_into(mapping: dict, key: str, cls: type, decorator_factory) -> None:

@@ -5,27 +5,28 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
 from torch import nn
 
-from ..common import AdapterNamesRoutingMixin, DequantizingMergeMixin, is_linear_base
+from ..merging import DequantizingMergeMixin
+from ..tuner import AdapterTuner
 from .config import BLoRAConfig
 from .layer import BLoRALayer, BLoRALinear
 from .weighted import add_weighted_blora_adapter, check_weighted_adapters
 
 
-class BLoRAModel(AdapterNamesRoutingMixin, DequantizingMergeMixin, BaseTuner):
+class BLoRAModel(DequantizingMergeMixin, AdapterTuner):
     """Balanced low-rank adaptation of a model; built by ``peft.get_peft_model`` from a :class:`BLoRAConfig`.
 
-    Supports ``nn.Linear`` bases in any float dtype and bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` bases
-    (Q-BLoRA). ``merge_and_unload(dequantize=True)`` turns a 4-bit base into a 16-bit model with the adapters
-    merged exactly.
+    Supports ``nn.Linear`` bases in any float dtype, bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` bases (Q-BLoRA)
+    and ``TileInt4Linear`` bases. ``merge_and_unload(dequantize=True)`` turns a 4-bit base into a 16-bit model with
+    the adapters merged exactly; a tile-INT4 base also merges in place, staying 4-bit, when ``balance_factor`` is a
+    multiple of both tile sides.
     """
 
     prefix: str = "bal_"
     tuner_layer_cls = BLoRALayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    layer_cls = BLoRALinear
+    method_name = "BLoRA"
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """peft's injection, then an error if ``skip_indivisible`` left no module adapted (0 trainable parameters)."""
@@ -51,38 +52,17 @@ class BLoRAModel(AdapterNamesRoutingMixin, DequantizingMergeMixin, BaseTuner):
         check_weighted_adapters(self, adapters, weights, adapter_name, combination_type)
         add_weighted_blora_adapter(self, list(adapters), list(weights), adapter_name)
 
-    def _create_and_replace(
-        self,
-        config: BLoRAConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        if isinstance(target, BLoRALayer):
-            target.update_layer(adapter_name, config)
-            return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not is_linear_base(base):
-            raise TypeError(
-                f"BLoRA cannot adapt module {current_key!r} of type {type(base).__name__}: only torch.nn.Linear and "
-                "quantized linear layers (bitsandbytes 4/8-bit) are supported. Remove it from target_modules."
-            )
+    def _accepts_base(self, config: BLoRAConfig, base: nn.Module, key: str) -> bool:
+        super()._accepts_base(config, base, key)
         lam = config.balance_factor
         if config.skip_indivisible and (base.in_features % lam or base.out_features % lam):
             warnings.warn(
-                f"BLoRA skips module {current_key!r}: in_features={base.in_features} / "
+                f"BLoRA skips module {key!r}: in_features={base.in_features} / "
                 f"out_features={base.out_features} are not both multiples of balance_factor={lam}.",
-                stacklevel=2,
+                stacklevel=3,
             )
             self.__dict__.setdefault("_skipped_indivisible", []).append(
-                f"{current_key} ({base.in_features} -> {base.out_features})"
+                f"{key} ({base.in_features} -> {base.out_features})"
             )
-            return
-        kwargs = get_quantization_kwargs(self.model)
-        new_module = BLoRALinear(target, adapter_name, config, module_name=current_key, **kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+            return False
+        return True

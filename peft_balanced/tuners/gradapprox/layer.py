@@ -1,4 +1,4 @@
-"""GradApprox layers: ``y = base(x) + s·(B A − B0 A0) x`` on nn.Linear, bitsandbytes 4/8-bit and TileInt4Linear bases."""
+"""GradApprox layers: ``y = base(x) + s·(B A − B0 A0) x`` on every linear base a backend exists for."""
 
 from __future__ import annotations
 
@@ -7,22 +7,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
-from peft.utils import quantization_extra_repr, resolve_quantization_backend
-from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
 from torch import nn
 
-from ..common import (
-    AdditiveAdapterForward,
-    DeltaWeightMerge,
-    check_adapter_shapes_on_load,
-    guard_bnb_cpu_repack,
-    is_tile_int4,
-)
+from ..._compat import BufferDict
+from ..layer import AdapterLayer, AdapterLinear, dropout_module
+from ..merging import DeltaWeightMerge
 from .config import GradApproxConfig
-
-TILE_INT4_BACKEND = "tile int4"
 
 
 class GradientProbe:
@@ -49,28 +39,15 @@ class GradientProbe:
         return F.linear(F.linear(x, self.omega_t), self.range_b) + F.linear(F.linear(x, self.corange_a), self.psi)
 
 
-class GradApproxLayer(DeltaWeightMerge, BaseTunerLayer):
+class GradApproxLayer(DeltaWeightMerge, AdapterLayer):
     """State of GradApprox layers: per adapter ``gax_A: (r, D_in)``, ``gax_B: (D_out, r)`` and frozen persistent
     buffers ``gax_A0``, ``gax_B0`` with the same shapes (their values at initialization)."""
 
     adapter_layer_names: tuple[str, ...] = ("gax_A", "gax_B")
     other_param_names: tuple[str, ...] = ("gax_A0", "gax_B0", "r", "lora_alpha", "scaling", "gax_dropout")
+    method_name = "GradApprox"
 
-    def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs: Any) -> None:
-        self.base_layer = base_layer
-        self.module_name = module_name
-        base = self.get_base_layer()
-        if is_tile_int4(base):
-            self.quantization_backend = ForwardOnlyQuantizationBackend(TILE_INT4_BACKEND)
-            in_features, out_features = base.in_features, base.out_features
-        else:
-            self.quantization_backend = resolve_quantization_backend(
-                base, get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
-            )
-            in_features, out_features = _get_in_out_features(base)
-        if in_features is None:
-            raise TypeError(f"GradApprox cannot adapt {module_name or 'this module'} of type {type(base).__name__}.")
-        self.in_features, self.out_features = in_features, out_features
+    def _init_adapter_state(self) -> None:
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -81,10 +58,6 @@ class GradApproxLayer(DeltaWeightMerge, BaseTunerLayer):
         self.gax_B0 = BufferDict({}, persistent=True)
         self.probe: GradientProbe | None = None
         self.pending_gradient_init: set[str] = set()  # adapters with init="gradient" whose init has not run
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self.kwargs = kwargs
-        guard_bnb_cpu_repack(base)
 
     def update_layer(self, adapter_name: str, config: GradApproxConfig, inference_mode: bool = False) -> None:
         """Create (or replace) the adapter ``adapter_name`` on this layer."""
@@ -99,18 +72,16 @@ class GradApproxLayer(DeltaWeightMerge, BaseTunerLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.lora_alpha / r
-        self.gax_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.gax_dropout[adapter_name] = dropout_module(config.lora_dropout)
         self.gax_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.gax_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
         self.gax_A0[adapter_name] = torch.zeros(r, self.in_features)
         self.gax_B0[adapter_name] = torch.zeros(self.out_features, r)
-        self.reset_parameters(adapter_name, config.init_weights)
-        if config.init == "gradient" and config.init_weights:
+        self._finish_update(adapter_name, config.init_weights, inference_mode)
+        if config.init == "gradient" and config.init_weights:  # after reset_parameters, which sets A0 / B0
             self.pending_gradient_init.add(adapter_name)
         else:
             self.pending_gradient_init.discard(adapter_name)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, init_weights: bool) -> None:
@@ -193,15 +164,10 @@ class GradApproxLayer(DeltaWeightMerge, BaseTunerLayer):
         return (b @ a - b0 @ a0) * self.scaling[adapter_name]
 
 
-class GradApproxLinear(AdditiveAdapterForward, nn.Module, GradApproxLayer):
+class GradApproxLinear(AdapterLinear, GradApproxLayer):
     """A linear layer (dense or quantized) with GradApprox adapters: ``y = base(x) + Σ_active s·(B A − B0 A0) x``."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: GradApproxConfig, **kwargs: Any) -> None:
-        super().__init__()
-        GradApproxLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
-        self.register_load_state_dict_pre_hook(check_adapter_shapes_on_load)
+    repr_prefix = "gradapprox"
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.pending_gradient_init and self.training and torch.is_grad_enabled() and self.probe is None:
@@ -211,9 +177,3 @@ class GradApproxLinear(AdditiveAdapterForward, nn.Module, GradApproxLayer):
         if self.probe is not None:  # zero-valued gradient sketch, present only during init_gradapprox
             result = result + self.probe.output(x).to(result.dtype)
         return result
-
-    def __repr__(self) -> str:
-        return "gradapprox." + super().__repr__()
-
-    def extra_repr(self) -> str:
-        return quantization_extra_repr(self)

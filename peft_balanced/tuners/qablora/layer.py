@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ...ops import add_balanced_adapter, add_expanded, expand, expand_blocks, pool
-from ...quant import TileInt4Linear
-from ..common import AdditiveAdapterForward, check_adapter_shapes_on_load
+from ...quant.linear import TileInt4Linear
+from ..balanced import BalancedAdapterLayer
+from ..layer import AdapterLinear, dropout_module
 from .config import QABLoRAConfig
 
 
@@ -50,29 +48,22 @@ def check_qablora_base(module: nn.Module, tile: tuple[int, int], name: str) -> N
     )
 
 
-class QABLoRALayer(BaseTunerLayer):
+class QABLoRALayer(BalancedAdapterLayer):
     """State shared by QA-BLoRA layers: per adapter ``qab_H: (D_out/λ2, D_in/λ1)``, its scaling and tile."""
 
     adapter_layer_names: tuple[str, ...] = ("qab_H",)
     other_param_names: tuple[str, ...] = ("lora_alpha", "scaling", "tile", "qab_dropout")
+    method_name = "QA-BLoRA"
 
-    def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs: Any) -> None:
-        self.base_layer = base_layer
-        self.module_name = module_name
+    def _init_adapter_state(self) -> None:
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.tile: dict[str, tuple[int, int]] = {}
         self.qab_dropout = nn.ModuleDict({})
         self.qab_H = nn.ParameterDict({})
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
         # β of the base before the first merge (same dtype): unmerge restores it bit-exactly. A plain attribute, not
         # a buffer, so that module dtype casts cannot re-round it; it is never saved.
         self._zero_before_merge: torch.Tensor | None = None
-        self.kwargs = kwargs
-        base = self.get_base_layer()  # its type and tile are checked by update_layer, against the config's tile
-        self.in_features = getattr(base, "in_features", 0)
-        self.out_features = getattr(base, "out_features", 0)
 
     def update_layer(self, adapter_name: str, config: QABLoRAConfig, inference_mode: bool = False) -> None:
         """Create (or replace) the adapter ``adapter_name`` on this layer."""
@@ -81,11 +72,9 @@ class QABLoRALayer(BaseTunerLayer):
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = float(config.lora_alpha)
         self.tile[adapter_name] = (l1, l2)
-        self.qab_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.qab_dropout[adapter_name] = dropout_module(config.lora_dropout)
         self.qab_H[adapter_name] = nn.Parameter(torch.zeros(self.out_features // l2, self.in_features // l1))
-        self.reset_parameters(adapter_name, config.init_weights)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        self._finish_update(adapter_name, config.init_weights, inference_mode)
 
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, init_weights: bool) -> None:
@@ -96,33 +85,18 @@ class QABLoRALayer(BaseTunerLayer):
         else:
             nn.init.kaiming_uniform_(h, a=math.sqrt(5))
 
-    def pooled_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """``s · H pool_λ1(dropout(x))``: ``(..., D_in) -> (..., D_out/λ2)`` in ``H``'s dtype."""
-        h = self.qab_H[adapter_name]
-        pooled = self._cast_input_dtype(pool(self.qab_dropout[adapter_name](x), self.tile[adapter_name][0]), h.dtype)
-        return F.linear(pooled, h) * self.scaling[adapter_name]
+    def balanced_weights(self, adapter_name: str) -> list[torch.Tensor]:
+        return [self.qab_H[adapter_name]]
 
-    def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """``s · expand_λ2(H pool_λ1(dropout(x)))``: ``(..., D_in) -> (..., D_out)`` in ``H``'s dtype."""
-        return expand(self.pooled_output(adapter_name, x), self.tile[adapter_name][1])
+    def balanced_factors(self, adapter_name: str) -> tuple[int, int]:
+        return self.tile[adapter_name]
 
-    def add_adapter_output(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """``result + adapter_output(adapter_name, x)`` without materializing the expanded output (one autograd node
-        when there is no dropout; it pools in ``H``'s dtype)."""
-        l1, l2 = self.tile[adapter_name]
-        if isinstance(self.qab_dropout[adapter_name], nn.Identity) and getattr(self, "cast_input_dtype_enabled", True):
-            weights = [self.qab_H[adapter_name]]
-            return add_balanced_adapter(result, x, weights, self.scaling[adapter_name], l1, l2)
-        return add_expanded(result, self.pooled_output(adapter_name, x), l2)
+    def balanced_dropout(self, adapter_name: str) -> nn.Module:
+        return self.qab_dropout[adapter_name]
 
     def get_delta_zero(self, adapter_name: str) -> torch.Tensor:
         """Per-tile zero-point shift ``s · H / λ1``: ``(D_out/λ2, D_in/λ1)``, float32."""
         return self.qab_H[adapter_name].detach().float() * (self.scaling[adapter_name] / self.tile[adapter_name][0])
-
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """Full update ``ΔW[j, i] = s · H[j//λ2, i//λ1] / λ1``: ``(D_out, D_in)``, float32."""
-        l1, l2 = self.tile[adapter_name]
-        return expand_blocks(self.get_delta_zero(adapter_name), l2, l1)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merge the active (or the given) adapters into the zero points: ``β ← β0 + Σ s·H/λ1`` per tile.
@@ -163,15 +137,7 @@ class QABLoRALayer(BaseTunerLayer):
         self.merged_adapters.clear()
 
 
-class QABLoRALinear(AdditiveAdapterForward, nn.Module, QABLoRALayer):
+class QABLoRALinear(AdapterLinear, QABLoRALayer):
     """A ``TileInt4Linear`` with QA-BLoRA adapters: ``y = base(x) + Σ_active s·expand_λ2(H pool_λ1(x))``."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: QABLoRAConfig, **kwargs: Any) -> None:
-        super().__init__()
-        QABLoRALayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
-        self.register_load_state_dict_pre_hook(check_adapter_shapes_on_load)
-
-    def __repr__(self) -> str:
-        return "qablora." + super().__repr__()
+    repr_prefix = "qablora"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
-from ...quant import TileInt4Linear
-from ..common import AdapterNamesRoutingMixin
+from ...quant.linear import TileInt4Linear
+from ..tuner import AdapterTuner
 from .config import QABLoRAConfig
 from .layer import QABLoRALayer, QABLoRALinear, check_qablora_base, quantize_hint
 
@@ -38,7 +37,7 @@ def tile_linear_names(model: nn.Module) -> set[str]:
     return names
 
 
-class QABLoRAModel(AdapterNamesRoutingMixin, BaseTuner):
+class QABLoRAModel(AdapterTuner):
     """Quantization-aware balanced adaptation of a tile-INT4 model; built by ``peft.get_peft_model`` from a
     :class:`QABLoRAConfig`.
 
@@ -49,7 +48,8 @@ class QABLoRAModel(AdapterNamesRoutingMixin, BaseTuner):
 
     prefix: str = "qab_"
     tuner_layer_cls = QABLoRALayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    layer_cls = QABLoRALinear
+    method_name = "QA-BLoRA"
 
     def _prepare_model(self, peft_config: QABLoRAConfig, model: nn.Module) -> None:
         """Resolve ``"all-linear"`` to the ``TileInt4Linear`` modules, then check every target before any change."""
@@ -90,29 +90,6 @@ class QABLoRAModel(AdapterNamesRoutingMixin, BaseTuner):
             "combination_type='cat'); merge the adapters one after another instead (each merge only shifts the zero points)."
         )
 
-    def _create_and_replace(
-        self,
-        config: QABLoRAConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        if isinstance(target, QABLoRALayer):
-            target.update_layer(adapter_name, config)
-            return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        check_qablora_base(base, config.tile, current_key)
-        new_module = QABLoRALinear(target, adapter_name, config, module_name=current_key)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
-
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        """peft's version, except on unload: a ``TileInt4Linear`` has no ``weight`` for peft to copy back."""
-        if isinstance(new_module, BaseTunerLayer):
-            super()._replace_module(parent, child_name, new_module, child)
-        else:
-            setattr(parent, child_name, new_module)
+    def _accepts_base(self, config: QABLoRAConfig, base: nn.Module, key: str) -> bool:
+        check_qablora_base(base, config.tile, key)
+        return True
