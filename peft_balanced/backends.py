@@ -81,6 +81,10 @@ class TileInt4Backend(Backend):
 
     def merge_delta(self, peft_layer: nn.Module, adapter_name: str, delta: torch.Tensor, check_finite: bool) -> None:
         base = peft_layer.get_base_layer()
+        if not torch.isfinite(delta).all():  # checked whatever check_finite says: zero points must stay finite
+            raise ValueError(
+                f"NaNs or infs in the update of module {peft_layer.module_name!r}; adapter {adapter_name!r} is broken."
+            )
         l1, l2 = base.tile
         per_tile = delta[::l2, ::l1]
         if not torch.equal(expand_blocks(per_tile, l2, l1), delta):
