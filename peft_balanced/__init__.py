@@ -6,8 +6,8 @@
 ``"tile_int4"`` quantization method with transformers. Importing twice, or reloading, is harmless.
 """
 
+from .demo.models import load_default_model
 from .export import export_gguf
-from .models import load_default_model
 from .quant import TileInt4Config, TileInt4Linear, TileInt4Spec, quantize_model
 from .registry import count_packed_weights, register, reserve_owned_types
 from .settings import KernelPreference, get_kernel_preference, kernel_preference, set_kernel_preference
