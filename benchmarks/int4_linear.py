@@ -2,7 +2,7 @@
 
     PYTHONUNBUFFERED=1 python benchmarks/int4_linear.py [--in 4096] [--out 11008] [--tokens 1 16 2048]
 
-1. Checks the fused kernel (``peft_balanced.quant.gemv``) against a float64 product with the dequantized weight on
+1. Checks the fused kernel (``peft_balanced.quant.kernels.gemv``) against a float64 product with the dequantized weight on
    several shapes, tiles and dtypes (max |y - ref| / max |ref|), the forward routing, and the input gradient.
 2. Times ``nn.Linear`` (bf16 weight) and ``TileInt4Linear`` (tile 4x8, fp16 scale/zero, quantized from it) forward
    at each token count with ``triton.testing.do_bench`` (CUDA events, median, L2 flushed before every call).

@@ -151,9 +151,8 @@ class Trainee:
         self.times, self.losses, self.transient = [], [], 0
 
     def step(self, timed: bool) -> None:
-        if self.method == "qblora_bnb":
-            os.environ["PEFT_BALANCED_DISABLE_FAST_NF4"] = "1"
-        try:
+        preference = "bitsandbytes" if self.method == "qblora_bnb" else peft_balanced.get_kernel_preference()
+        with peft_balanced.kernel_preference(preference):
             sync()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
@@ -165,8 +164,6 @@ class Trainee:
             self.optimizer.zero_grad(set_to_none=True)
             sync()
             elapsed = time.perf_counter() - start
-        finally:
-            os.environ.pop("PEFT_BALANCED_DISABLE_FAST_NF4", None)
         if torch.cuda.is_available():
             self.transient = max(self.transient, torch.cuda.max_memory_allocated() - allocated)
         if timed:
