@@ -11,10 +11,12 @@ from torch import nn
 from .kernels.gemv import fused_linear, use_gemv
 from .kernels.int4 import triton_dequantize_tiles
 from .kernels.support import triton_available
-from .spec import TileInt4Spec
+from .spec import TileInt4Spec, resolve_spec
 from .tile_int4 import check_tile_shape, dequantize_tiles, dtype_name, quantize_tiles
 
 __all__ = ["TileInt4Linear"]
+
+_LOOSE_DEFAULTS = {"scale_dtype": torch.float16, "zero_dtype": None}  # of __init__ and from_linear
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -60,10 +62,10 @@ class TileInt4Linear(nn.Module):
         name: str | None = None,
         zero_dtype: torch.dtype | str | None = None,
     ) -> None:
-        """``tile`` is a :class:`TileInt4Spec` (then ``scale_dtype`` / ``zero_dtype`` are ignored) or the tile of
-        one built from ``tile``, ``scale_dtype`` and ``zero_dtype`` (``None``: the scale's dtype)."""
+        """``tile`` is a :class:`TileInt4Spec` (then ``scale_dtype`` / ``zero_dtype`` must keep their defaults) or
+        the tile of one built from ``tile``, ``scale_dtype`` and ``zero_dtype`` (``None``: the scale's dtype)."""
         super().__init__()
-        spec = tile if isinstance(tile, TileInt4Spec) else TileInt4Spec(tile, scale_dtype, zero_dtype)
+        spec = resolve_spec(tile, _LOOSE_DEFAULTS, scale_dtype=scale_dtype, zero_dtype=zero_dtype)
         check_tile_shape(out_features, in_features, spec.tile, name)
         self.in_features = in_features
         self.out_features = out_features
@@ -96,7 +98,7 @@ class TileInt4Linear(nn.Module):
         scale's dtype). ``compute_dtype`` is ``linear.weight.dtype``; ``bias`` is copied unchanged. ``name`` appears
         in errors.
         """
-        spec = tile if isinstance(tile, TileInt4Spec) else TileInt4Spec(tile, scale_dtype, zero_dtype)
+        spec = resolve_spec(tile, _LOOSE_DEFAULTS, scale_dtype=scale_dtype, zero_dtype=zero_dtype)
         weight = linear.weight
         module = cls(
             linear.in_features,

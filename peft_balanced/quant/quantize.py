@@ -11,10 +11,17 @@ from ..utils import set_submodule
 from .hf import attach_quantization_config, tied_module_names
 from .linear import TileInt4Linear
 from .select import iter_quantizable_linears
-from .spec import TileInt4Spec
+from .spec import TileInt4Spec, resolve_spec
 from .tile_int4 import DEFAULT_ZERO_DTYPE
 
 __all__ = ["quantize_model"]
+
+_LOOSE_DEFAULTS = {
+    "scale_dtype": torch.float16,
+    "zero_dtype": DEFAULT_ZERO_DTYPE,
+    "skip_modules": ("lm_head",),
+    "skip_indivisible": False,
+}
 
 
 @torch.no_grad()
@@ -32,8 +39,8 @@ def quantize_model(
         model: any module; a transformers ``PreTrainedModel`` also gets a ``TileInt4Config`` as its
             ``config.quantization_config`` and a quantizer, so that ``save_pretrained`` writes a checkpoint that
             ``from_pretrained(path)`` reloads bit-exactly.
-        tile: a :class:`TileInt4Spec` (then the other arguments are ignored), or ``(l1, l2)``: input x output
-            features per tile.
+        tile: a :class:`TileInt4Spec` (then the other arguments must keep their defaults), or ``(l1, l2)``: input x
+            output features per tile.
         skip_modules: module names kept in full precision, matched by suffix (``"lm_head"`` matches
             ``"model.lm_head"``). Linears with tied weights (transformers ``all_tied_weights_keys``) are kept too.
         scale_dtype: storage dtype of the scales (alpha).
@@ -43,10 +50,8 @@ def quantize_model(
             tiles: 5.5 instead of 5.0 bits per weight); fp16 beta costs ~1e-3 relative error in merged logits (see
             ``DEFAULT_ZERO_DTYPE``). GGUF Q4_1 export needs ``"float16"``.
     """
-    if isinstance(tile, TileInt4Spec):
-        spec = tile
-    else:
-        spec = TileInt4Spec(tile, scale_dtype, zero_dtype, skip_modules, skip_indivisible)
+    loose = {"scale_dtype": scale_dtype, "zero_dtype": zero_dtype, "skip_modules": skip_modules}
+    spec = resolve_spec(tile, _LOOSE_DEFAULTS, **loose, skip_indivisible=skip_indivisible)
     targets = list(iter_quantizable_linears(model, spec, also_skip=tied_module_names(model)))
     if not targets and isinstance(model, nn.Linear):
         raise ValueError("quantize_model expects a model containing linears; use TileInt4Linear.from_linear")

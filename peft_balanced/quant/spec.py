@@ -15,7 +15,7 @@ import torch
 
 from .tile_int4 import DEFAULT_ZERO_DTYPE, check_tile, dtype_name, resolve_scale_dtype, resolve_zero_dtype
 
-__all__ = ["TileInt4Spec"]
+__all__ = ["TileInt4Spec", "resolve_spec"]
 
 
 def _skip_tuple(skip_modules: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -55,16 +55,6 @@ class TileInt4Spec:
         object.__setattr__(self, "skip_modules", _skip_tuple(self.skip_modules))
         object.__setattr__(self, "skip_indivisible", bool(self.skip_indivisible))
 
-    @classmethod
-    def of(cls, tile: TileInt4Spec | tuple[int, int] | list[int], **fields: Any) -> TileInt4Spec:
-        """``tile`` itself if it is a spec (then ``fields`` must be empty), else a new spec from ``tile`` and
-        ``fields``."""
-        if isinstance(tile, TileInt4Spec):
-            if fields:
-                raise TypeError(f"pass either a TileInt4Spec or loose fields, not both (got {sorted(fields)})")
-            return tile
-        return cls(tile=tile, **fields)
-
     def bits_per_weight(self) -> float:
         """Storage bits per weight: ``4 + (bits(alpha) + bits(beta)) / (l1 * l2)``."""
         l1, l2 = self.tile
@@ -79,3 +69,32 @@ class TileInt4Spec:
             "zero_dtype": dtype_name(self.zero_dtype),
             "skip_indivisible": self.skip_indivisible,
         }
+
+
+def _normalised(field_name: str, value: Any) -> Any:
+    """A loose field's value in its canonical form (dtype names to dtypes, module names to a tuple)."""
+    if value is None:
+        return None
+    if field_name == "scale_dtype":
+        return resolve_scale_dtype(value)
+    if field_name == "zero_dtype":
+        return resolve_zero_dtype(value)
+    if field_name == "skip_modules":
+        return _skip_tuple(value)
+    return value
+
+
+def resolve_spec(
+    tile: TileInt4Spec | tuple[int, int] | list[int], defaults: dict[str, Any], **given: Any
+) -> TileInt4Spec:
+    """The spec of a call that takes either a :class:`TileInt4Spec` or loose fields (``tile`` plus ``given``).
+
+    A spec comes back as it is; then every loose field must mean its default (``defaults``), otherwise a
+    ``TypeError`` says so instead of ignoring the field.
+    """
+    if not isinstance(tile, TileInt4Spec):
+        return TileInt4Spec(tile, **given)
+    changed = [key for key, value in given.items() if _normalised(key, value) != _normalised(key, defaults[key])]
+    if changed:
+        raise TypeError(f"pass either a TileInt4Spec or {', '.join(changed)}, not both: the spec already sets them")
+    return tile
