@@ -85,23 +85,50 @@ def unclaimed(plan: pathlib.Path, jobs: list[Job]) -> list[Job]:
 def launch_workers(argv: list[str], plan: pathlib.Path, workers: int, deadline: float | None) -> list[int]:
     """Run ``workers`` copies of ``accuracy.py argv --plan-file plan --worker-id i``; their exit codes.
 
-    Workers print to this process's stdout, each line prefixed with its id; a worker that fails does not stop the
-    others (its claimed job is lost, the rest of the plan is still served).
+    Each worker writes its stdout and stderr to ``<plan>.logs/worker-<i>.log`` (one writer per file: progress bars
+    of one worker cannot split another's lines); this process echoes their complete lines as they come. A worker
+    that fails does not stop the others (its claimed job is lost, the rest of the plan is still served).
     """
     script = pathlib.Path(__file__).with_name("accuracy.py")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
     extra = ["--deadline", repr(deadline)] if deadline else []
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), *argv, "--plan-file", str(plan), "--worker-id", str(i), *extra], env=env
-        )
-        for i in range(workers)
-    ]
+    logs = plan.with_suffix(".logs")
+    logs.mkdir(exist_ok=True)
+    procs, files = [], []
+    for i in range(workers):
+        files.append(open(logs / f"worker-{i}.log", "wb"))  # closed below
+        cmd = [sys.executable, str(script), *argv, "--plan-file", str(plan), "--worker-id", str(i), *extra]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=files[-1], stderr=subprocess.STDOUT))
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    echo = LogEcho(sorted(logs.glob("worker-*.log")))
     try:
-        return [proc.wait() for proc in procs]
+        while any(proc.poll() is None for proc in procs):
+            echo.step()
+            time.sleep(1.0)
+        echo.step()
+        return [proc.returncode for proc in procs]
     finally:  # stopped (timeout, Ctrl-C): the workers stop too; the records they appended stay
         signal.signal(signal.SIGTERM, previous)
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
+        for handle in files:
+            handle.close()
+
+
+class LogEcho:
+    """Prints the new complete lines of the worker logs that contain the workers' own ``[wN]`` prefix."""
+
+    def __init__(self, paths: list[pathlib.Path]) -> None:
+        self.offsets = dict.fromkeys(paths, 0)
+
+    def step(self) -> None:
+        for path, offset in self.offsets.items():
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+            end = chunk.rfind(b"\n") + 1
+            self.offsets[path] = offset + end
+            for line in chunk[:end].decode("utf-8", "replace").splitlines():  # also splits progress bars' \r
+                if line.startswith("[w"):
+                    print(line, flush=True)

@@ -251,6 +251,8 @@ def write_plots(methods: dict[str, dict[int, dict]], directory: pathlib.Path, ti
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
+    colors = plt.get_cmap("tab20").colors
+    plt.rcParams["axes.prop_cycle"] = matplotlib.cycler(color=colors)
     paths = []
     for name, xlabel, index in (("accuracy_vs_step", "step", 0), ("accuracy_vs_wallclock", "training seconds", 1)):
         fig, ax = plt.subplots(figsize=(7, 4.5))
