@@ -40,13 +40,10 @@ import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import accuracy_harness as harness  # noqa: E402
-import accuracy_parallel as parallel  # noqa: E402
-from accuracy_harness import Bench, Method, Settings  # noqa: E402
-from accuracy_parallel import Job  # noqa: E402
+import accuracy_harness as harness
+import accuracy_parallel as parallel
+from accuracy_harness import Bench, Method, Settings
+from accuracy_parallel import Job
 
 DEFAULT_METHODS = (
     "base,lora,lora_ptq_int4,qlora,qlora_ptq_int4,qlora_ptq_nf4,qlora_requant,qblora1,qblora2,qblora4,qblora8,"

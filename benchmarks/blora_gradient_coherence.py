@@ -22,13 +22,9 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 
+import accuracy_harness as harness
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import accuracy_harness as harness  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

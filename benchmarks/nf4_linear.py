@@ -14,15 +14,12 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from peft_balanced.quant.kernels.nf4 import nf4_dequantize, nf4_linear  # noqa: E402
+from peft_balanced.quant.kernels.nf4 import nf4_dequantize, nf4_linear
 
 
 def nf4_layer(d_in: int, d_out: int):
