@@ -6,6 +6,7 @@
 ``"tile_int4"`` quantization method with transformers. Importing twice, or reloading, is harmless.
 """
 
+from .checkpoint import install_checkpoint_guards
 from .demo.models import load_default_model
 from .export import export_gguf
 from .quant import TileInt4Config, TileInt4Linear, TileInt4Spec, quantize_model
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 reserve_owned_types()
 count_packed_weights()
+install_checkpoint_guards()
 register("BLORA", config_cls=BLoRAConfig, model_cls=BLoRAModel, prefix=BLoRAModel.prefix)
 register("QABLORA", config_cls=QABLoRAConfig, model_cls=QABLoRAModel, prefix=QABLoRAModel.prefix)
 register("GRADAPPROX", config_cls=GradApproxConfig, model_cls=GradApproxModel, prefix=GradApproxModel.prefix)

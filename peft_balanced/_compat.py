@@ -24,6 +24,7 @@ __all__ = [
     "get_in_out_features",
     "get_module_from_name",
     "peft_method_mappings",
+    "set_peft_weights_writer",
     "unpack_bnb_cpu_weight",
 ]
 
@@ -45,3 +46,10 @@ def peft_method_mappings() -> tuple[dict, dict, dict]:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     return PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
+
+
+def set_peft_weights_writer(save_file: Any) -> None:
+    """peft: replace the ``safetensors`` ``save_file`` through which ``PeftModel.save_pretrained`` writes weights."""
+    import peft.peft_model
+
+    peft.peft_model.safe_save_file = save_file

@@ -85,15 +85,20 @@ def merge_to_dense(peft_model, dtype=None):
     return merged
 
 
+def _check_output_dir(path: pathlib.Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty directory unless ``overwrite``."""
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--output-dir {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise CLIError(f"--output-dir {path} is not empty; pass --overwrite to replace the demo outputs in it")
+
+
 def _prepare_output_dir(path: pathlib.Path, overwrite: bool) -> None:
     """Refuse a non-empty directory unless ``overwrite``; then only the demo's own outputs are removed."""
     import shutil
 
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"--output-dir {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise CLIError(f"--output-dir {path} is not empty; pass --overwrite to replace the demo outputs in it")
+    _check_output_dir(path, overwrite)
+    if path.is_dir():
         for name in _DEMO_OUTPUTS:
             target = path / name
             if target.is_dir():
@@ -101,6 +106,30 @@ def _prepare_output_dir(path: pathlib.Path, overwrite: bool) -> None:
             elif target.exists():
                 target.unlink()
     path.mkdir(parents=True, exist_ok=True)
+
+
+def _staging_dir(out: pathlib.Path) -> pathlib.Path:
+    """A fresh folder next to ``out`` (same filesystem, so moving the finished outputs in is a rename)."""
+    import os
+    import secrets
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    return staging
+
+
+def _publish_outputs(staging: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
+    """Move the complete outputs from ``staging`` into ``out``; only then are the old demo outputs removed.
+
+    A crash before this point leaves ``out`` as it was; every output appears in ``out`` whole (one rename each).
+    """
+    import os
+
+    _prepare_output_dir(out, overwrite)
+    for name in _DEMO_OUTPUTS:
+        os.replace(staging / name, out / name)
+    staging.rmdir()
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -116,7 +145,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 def run_demo(args: argparse.Namespace) -> dict:
     """Run the demo described by parsed ``args``; return the summary (also written to ``summary.json``)."""
     out = pathlib.Path(args.output_dir)
-    _prepare_output_dir(out, args.overwrite)
+    _check_output_dir(out, args.overwrite)  # the old outputs stay until the new ones are complete
 
     import torch
     from tqdm.auto import tqdm
@@ -199,20 +228,21 @@ def run_demo(args: argparse.Namespace) -> dict:
     print(f"      accuracy after: {acc_after:.1%}  (e.g. {eval_set[0]['prompt']!r} -> {preds_after[0]!r})", flush=True)
 
     print("[5/6] saving the adapter, merging into a 16-bit model, saving it ...", flush=True)
+    staging = _staging_dir(out)
     adapter_dir, merged_dir = out / "adapter", out / "merged"
     with warnings.catch_warnings():  # the GGUF folder has no config.json; the vocabulary is unchanged anyway
         warnings.filterwarnings("ignore", message="Could not find a config file")
-        peft_model.save_pretrained(adapter_dir)
+        peft_model.save_pretrained(staging / "adapter")
     merged_dtype = getattr(torch, args.merged_dtype)
     merged = merge_to_dense(peft_model, dtype=merged_dtype)
-    merged.save_pretrained(merged_dir)
-    tokenizer.save_pretrained(merged_dir)
+    merged.save_pretrained(staging / "merged")
+    tokenizer.save_pretrained(staging / "merged")
     del merged, peft_model, model
 
     print("[6/6] reloading the merged model from disk and re-checking its accuracy ...", flush=True)
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=merged_dtype)
+    reloaded = AutoModelForCausalLM.from_pretrained(staging / "merged", dtype=merged_dtype)
     acc_merged, preds_merged, _ = evaluate(reloaded)
     agree = sum(a == b for a, b in zip(preds_after, preds_merged, strict=True)) / len(eval_set)
 
@@ -236,7 +266,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         "adapter_dir": str(adapter_dir),
         "merged_dir": str(merged_dir),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _publish_outputs(staging, out, args.overwrite)
     _print_summary(summary)
     return summary
 
@@ -274,24 +305,42 @@ def _print_summary(summary: dict) -> None:
 # argument parsing
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+def _integer(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
     return value
 
 
+def _positive_int(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    return _integer(text, 0, "an integer >= 0")
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
 
 
 def _dropout(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1), got {text!r}")
     return value
 
 
@@ -313,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=40, help="training steps")
     demo.add_argument("--batch-size", type=_positive_int, default=16, help="examples per step")
     demo.add_argument("--lr", type=_positive_float, default=1e-3, help="peak AdamW learning rate")
-    demo.add_argument("--warmup-steps", type=int, default=4, help="linear warm-up steps")
-    demo.add_argument("--seed", type=int, default=0, help="seed of data and initialization")
+    demo.add_argument("--warmup-steps", type=_non_negative_int, default=4, help="linear warm-up steps")
+    demo.add_argument("--seed", type=_non_negative_int, default=0, help="seed of data and initialization")
     demo.add_argument("--eval-size", type=_positive_int, default=128, help="held-out examples")
     demo.add_argument("--eval-batch-size", type=_positive_int, default=64, help="generation batch size")
     demo.add_argument("--method", choices=["blora", "lora"], default="blora", help="adapter type")
@@ -324,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lora-dropout", type=_dropout, default=0.0, help="adapter input dropout")
     demo.add_argument("--quantization", choices=["nf4", "none"], default="nf4", help="base model quantization")
     demo.add_argument("--merged-dtype", choices=["bfloat16", "float16"], default="bfloat16", help="merged dtype")
-    demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    demo.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (0: torch default)")
     demo.add_argument("--log-every", type=_positive_int, default=10, help="print the loss every N steps")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=run_demo)

@@ -24,7 +24,7 @@ from ..utils import linear_from_weight, set_submodule
 from .linear import TileInt4Linear
 from .select import iter_quantizable_linears
 from .spec import TileInt4Spec
-from .tile_int4 import DEFAULT_ZERO_DTYPE, dtype_name, quantize_tiles
+from .tile_int4 import DEFAULT_ZERO_DTYPE, check_flag, dtype_name, quantize_tiles
 
 __all__ = [
     "QUANT_METHOD",
@@ -64,6 +64,7 @@ class TileInt4Config(QuantizationConfigMixin):
         if kwargs:
             warnings.warn(f"TileInt4Config: ignoring unknown fields {sorted(kwargs)}", stacklevel=2)
         self.quant_method = QUANT_METHOD
+        check_flag("TileInt4Config.skip_indivisible", skip_indivisible)
         spec = TileInt4Spec(tile, scale_dtype, zero_dtype, skip_modules, skip_indivisible)
         self.tile = spec.tile
         self.skip_modules = list(spec.skip_modules)

@@ -13,15 +13,21 @@ from typing import Any
 
 import torch
 
-from .tile_int4 import DEFAULT_ZERO_DTYPE, check_tile, dtype_name, resolve_scale_dtype, resolve_zero_dtype
+from .tile_int4 import (
+    DEFAULT_ZERO_DTYPE,
+    check_flag,
+    check_skip_modules,
+    check_tile,
+    dtype_name,
+    resolve_scale_dtype,
+    resolve_zero_dtype,
+)
 
 __all__ = ["TileInt4Spec", "resolve_spec"]
 
 
 def _skip_tuple(skip_modules: Iterable[str] | str | None) -> tuple[str, ...]:
-    if isinstance(skip_modules, str):
-        return (skip_modules,)
-    return tuple(skip_modules or ())
+    return tuple(check_skip_modules(skip_modules))
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class TileInt4Spec:
         object.__setattr__(self, "scale_dtype", scale_dtype)
         object.__setattr__(self, "zero_dtype", zero_dtype)
         object.__setattr__(self, "skip_modules", _skip_tuple(self.skip_modules))
-        object.__setattr__(self, "skip_indivisible", bool(self.skip_indivisible))
+        object.__setattr__(self, "skip_indivisible", check_flag("skip_indivisible", self.skip_indivisible))
 
     def bits_per_weight(self) -> float:
         """Storage bits per weight: ``4 + (bits(alpha) + bits(beta)) / (l1 * l2)``."""

@@ -24,6 +24,8 @@ import torch
 __all__ = [
     "DEFAULT_ZERO_DTYPE",
     "QMAX",
+    "check_flag",
+    "check_skip_modules",
     "check_tile",
     "check_tile_shape",
     "dequantize_tiles",
@@ -103,6 +105,30 @@ def check_tile(tile: object) -> tuple[int, int]:
             raise ValueError(f"tile {label} must be a positive int, got {value} in tile={tile!r}")
         out.append(value)
     return out[0], out[1]
+
+
+def check_skip_modules(skip_modules: object) -> list[str]:
+    """Validate ``skip_modules``: ``None``, one module name or an iterable of names. Returns a list of names."""
+    if skip_modules is None:
+        return []
+    if isinstance(skip_modules, str):
+        return [skip_modules]
+    try:
+        names = list(skip_modules)  # type: ignore[call-overload]
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(name, str) for name in names):
+        raise ValueError(
+            f"skip_modules must be None, a module name (str) or a list of module names (str), got {skip_modules!r}"
+        )
+    return names
+
+
+def check_flag(name: str, value: object) -> bool:
+    """Validate a boolean option (``"no"`` would otherwise read as ``True``)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def check_tile_shape(out_features: int, in_features: int, tile: tuple[int, int], name: str | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -12,9 +13,11 @@ from ..registry import extend_peft_type
 
 
 def check_number(name: str, value: object) -> None:
-    """Raise a ``ValueError`` naming the field unless ``value`` is an int or float (``bool`` is rejected)."""
+    """Raise a ``ValueError`` naming the field unless ``value`` is a finite int or float (``bool`` is rejected)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
 
 
 def check_positive_number(name: str, value: object) -> None:
@@ -22,6 +25,24 @@ def check_positive_number(name: str, value: object) -> None:
     check_number(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}.")
+
+
+def check_bool(name: str, value: object) -> None:
+    """Raise a ``ValueError`` naming the field unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+
+
+def check_module_names(name: str, value: object) -> None:
+    """Raise a ``ValueError`` naming the field unless ``value`` is ``None``, a string (regex or ``"all-linear"``)
+    or a list / set of strings."""
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(item, str) for item in value):
+        return
+    raise ValueError(
+        f"{name} must be None, a module-name regex (str), 'all-linear' or a list of module names (str), got {value!r}."
+    )
 
 
 def check_count(name: str, value: object) -> None:
@@ -69,12 +90,21 @@ class AdapterConfig(CheckedCheckpointMixin, PeftConfig):
         super().__post_init__()
         self.peft_type = extend_peft_type(self.PEFT_TYPE_NAME)
         owner = type(self).__name__
-        check_number(f"{owner}.lora_alpha", self.lora_alpha)
+        check_positive_number(f"{owner}.lora_alpha", self.lora_alpha)
         check_number(f"{owner}.lora_dropout", self.lora_dropout)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"{owner}.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all"):
             raise ValueError(f"{owner}.bias must be 'none' or 'all', got {self.bias!r}.")
+        check_bool(f"{owner}.init_weights", self.init_weights)
+        for name in ("target_modules", "exclude_modules"):
+            check_module_names(f"{owner}.{name}", getattr(self, name))
+        layers = self.layers_to_transform
+        for index in [layers] if isinstance(layers, int) else list(layers or ()):
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise ValueError(
+                    f"{owner}.layers_to_transform must be a layer index >= 0 or a list of them, got {layers!r}."
+                )
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...ops import check_factor
-from ..base_config import AdapterConfig
+from ..base_config import AdapterConfig, check_bool
 
 
 @dataclass
@@ -52,3 +52,8 @@ class BLoRAConfig(AdapterConfig):
         super().__post_init__()
         check_factor("BLoRAConfig.r", self.r)
         check_factor("BLoRAConfig.balance_factor", self.balance_factor)
+        check_bool("BLoRAConfig.skip_indivisible", self.skip_indivisible)
+
+    def expected_rank_dims(self) -> dict[str, tuple[int, int]]:
+        inner = self.balance_factor * self.r
+        return {".bal_A.": (0, inner), ".bal_B.": (1, inner)}

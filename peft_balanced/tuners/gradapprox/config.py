@@ -111,6 +111,7 @@ class GradApproxConfig(AdapterConfig):
         check_factor("GradApproxConfig.estimation_batches", self.estimation_batches)
         check_factor("GradApproxConfig.sketch_passes", self.sketch_passes)
         check_count("GradApproxConfig.oversampling", self.oversampling)
+        check_count("GradApproxConfig.sketch_seed", self.sketch_seed)
         check_positive_number("GradApproxConfig.stable_gamma", self.stable_gamma)
         for name, valid in (("init", INIT_MODES), ("direction", DIRECTIONS)):
             if getattr(self, name) not in valid:
@@ -127,3 +128,6 @@ class GradApproxConfig(AdapterConfig):
         check_count("GradApproxConfig.approximator_warmup_steps", self.approximator_warmup_steps)
         for name in ("approximator_lr", "approximator_clip"):
             check_positive_number(f"GradApproxConfig.{name}", getattr(self, name))
+
+    def expected_rank_dims(self) -> dict[str, tuple[int, int]]:
+        return {".gax_A.": (0, self.r), ".gax_A0": (0, self.r), ".gax_B.": (1, self.r), ".gax_B0": (1, self.r)}
