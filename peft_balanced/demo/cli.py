@@ -8,6 +8,7 @@ exact-match accuracy before, after, and after merging.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -16,7 +17,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ..utils import LLAMA_PROJECTIONS
 
@@ -108,28 +109,27 @@ def _prepare_output_dir(path: pathlib.Path, overwrite: bool) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def _staging_dir(out: pathlib.Path) -> pathlib.Path:
-    """A fresh folder next to ``out`` (same filesystem, so moving the finished outputs in is a rename)."""
+@contextlib.contextmanager
+def _staged_outputs(out: pathlib.Path, overwrite: bool) -> Iterator[pathlib.Path]:
+    """A fresh folder next to ``out`` to write the outputs into; on success they are moved into ``out``.
+
+    Only then are the old demo outputs in ``out`` removed, and each new one appears whole (one rename). If the run
+    fails before, ``out`` is left as it was and the staging folder is removed.
+    """
     import os
     import secrets
+    import shutil
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.staging-{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
-    return staging
-
-
-def _publish_outputs(staging: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
-    """Move the complete outputs from ``staging`` into ``out``; only then are the old demo outputs removed.
-
-    A crash before this point leaves ``out`` as it was; every output appears in ``out`` whole (one rename each).
-    """
-    import os
-
-    _prepare_output_dir(out, overwrite)
-    for name in _DEMO_OUTPUTS:
-        os.replace(staging / name, out / name)
-    staging.rmdir()
+    try:
+        yield staging
+        _prepare_output_dir(out, overwrite)
+        for name in _DEMO_OUTPUTS:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -228,46 +228,45 @@ def run_demo(args: argparse.Namespace) -> dict:
     print(f"      accuracy after: {acc_after:.1%}  (e.g. {eval_set[0]['prompt']!r} -> {preds_after[0]!r})", flush=True)
 
     print("[5/6] saving the adapter, merging into a 16-bit model, saving it ...", flush=True)
-    staging = _staging_dir(out)
-    adapter_dir, merged_dir = out / "adapter", out / "merged"
-    with warnings.catch_warnings():  # the GGUF folder has no config.json; the vocabulary is unchanged anyway
-        warnings.filterwarnings("ignore", message="Could not find a config file")
-        peft_model.save_pretrained(staging / "adapter")
-    merged_dtype = getattr(torch, args.merged_dtype)
-    merged = merge_to_dense(peft_model, dtype=merged_dtype)
-    merged.save_pretrained(staging / "merged")
-    tokenizer.save_pretrained(staging / "merged")
-    del merged, peft_model, model
+    with _staged_outputs(out, args.overwrite) as staging:
+        adapter_dir, merged_dir = out / "adapter", out / "merged"
+        with warnings.catch_warnings():  # the GGUF folder has no config.json; the vocabulary is unchanged anyway
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            peft_model.save_pretrained(staging / "adapter")
+        merged_dtype = getattr(torch, args.merged_dtype)
+        merged = merge_to_dense(peft_model, dtype=merged_dtype)
+        merged.save_pretrained(staging / "merged")
+        tokenizer.save_pretrained(staging / "merged")
+        del merged, peft_model, model
 
-    print("[6/6] reloading the merged model from disk and re-checking its accuracy ...", flush=True)
-    from transformers import AutoModelForCausalLM
+        print("[6/6] reloading the merged model from disk and re-checking its accuracy ...", flush=True)
+        from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(staging / "merged", dtype=merged_dtype)
-    acc_merged, preds_merged, _ = evaluate(reloaded)
-    agree = sum(a == b for a, b in zip(preds_after, preds_merged, strict=True)) / len(eval_set)
+        reloaded = AutoModelForCausalLM.from_pretrained(staging / "merged", dtype=merged_dtype)
+        acc_merged, preds_merged, _ = evaluate(reloaded)
+        agree = sum(a == b for a, b in zip(preds_after, preds_merged, strict=True)) / len(eval_set)
 
-    summary = {
-        "task": args.task,
-        "method": args.method,
-        "quantization": args.quantization,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "eval_examples": len(eval_set),
-        "trainable_params": trainable,
-        "accuracy_before": acc_before,
-        "accuracy_after": acc_after,
-        "accuracy_merged": acc_merged,
-        "merged_agreement": agree,
-        "final_loss": losses[-1],
-        "load_seconds": round(load_seconds, 1),
-        "train_seconds": round(t_train, 1),
-        "total_seconds": round(time.perf_counter() - t_start, 1),
-        "adapter_dir": str(adapter_dir),
-        "merged_dir": str(merged_dir),
-    }
-    (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _publish_outputs(staging, out, args.overwrite)
+        summary = {
+            "task": args.task,
+            "method": args.method,
+            "quantization": args.quantization,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "eval_examples": len(eval_set),
+            "trainable_params": trainable,
+            "accuracy_before": acc_before,
+            "accuracy_after": acc_after,
+            "accuracy_merged": acc_merged,
+            "merged_agreement": agree,
+            "final_loss": losses[-1],
+            "load_seconds": round(load_seconds, 1),
+            "train_seconds": round(t_train, 1),
+            "total_seconds": round(time.perf_counter() - t_start, 1),
+            "adapter_dir": str(adapter_dir),
+            "merged_dir": str(merged_dir),
+        }
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary)
     return summary
 
