@@ -49,7 +49,7 @@ def training_args(output_dir: str, batch_size: int, steps: int, **overrides) -> 
         per_device_train_batch_size=batch_size,
         learning_rate=5e-3,
         lr_scheduler_type="linear",
-        warmup_steps=1,
+        warmup_steps=0,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
