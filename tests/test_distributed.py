@@ -79,3 +79,21 @@ def test_without_summing_the_sketches_gradapprox_ranks_diverge(tmp_path):
     rank0, rank1 = _rank_states(tmp_path, "gradapprox")
     trained = [key for key in rank0 if key.endswith(".weight")]
     assert any(not torch.allclose(rank0[k], rank1[k], atol=1e-3) for k in trained)
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_blora_matches_one_process(tmp_path):
+    """FSDP2 (``fully_shard`` per decoder layer; the adapter weights are sharded DTensors), plain SGD loop: the gathered
+    adapter equals one process on the same global batch. (transformers' Trainer ignores ``fsdp=`` on CPU.)"""
+    from distributed_worker import sgd_steps
+
+    _torchrun(tmp_path, "--methods", "blora", "--fsdp2")
+    sharded = safetensors.torch.load_file(str(tmp_path / "blora-fsdp2.safetensors"))
+    model = peft_model("blora")
+    initial = adapter_state(model)
+    sgd_steps(model, 2 * BATCH, STEPS)
+    single = adapter_state(model)
+    assert sharded.keys() == single.keys() and single
+    assert max((single[k] - initial[k]).abs().max().item() for k in single) > 1e-3
+    for key in single:
+        torch.testing.assert_close(sharded[key], single[key], rtol=0, atol=1e-5, msg=key)
