@@ -215,6 +215,13 @@ class CheckedCheckpointMixin:
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
         os.makedirs(save_directory, exist_ok=True)
+        directory = Path(save_directory)
+        if (directory / WEIGHTS_NAME).is_file() and not (directory / SAFETENSORS_WEIGHTS_NAME).is_file():
+            raise ValueError(
+                f"{str(directory / WEIGHTS_NAME)!r} was written as a pickle (save_pretrained(safe_serialization=False) "
+                f"or Trainer(save_safetensors=False)); peft-balanced adapters load from {SAFETENSORS_WEIGHTS_NAME} "
+                "only, so this checkpoint could not be loaded. Save with safe_serialization=True (the default)."
+            )
         auto_mapping_dict = kwargs.pop("auto_mapping_dict", None)
         output = {key: list(value) if isinstance(value, set) else value for key, value in self.to_dict().items()}
         if auto_mapping_dict is not None:

@@ -133,6 +133,12 @@ def test_pickled_blora_weights_are_refused_unread(tmp_path, saved_tiny_llama):
     assert not marker.exists()
 
 
+def test_saving_blora_as_a_pickle_is_refused_at_save_time(tmp_path):
+    with pytest.raises(ValueError, match=r"adapter_model\.bin.*safe_serialization=True"):
+        _adapter(0).save_pretrained(tmp_path, safe_serialization=False)
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
 def test_pickled_lora_weights_hit_peft_weights_only_refusal(tmp_path):
     adapter = tmp_path / "lora"
     get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)

@@ -9,6 +9,7 @@ from typing import ClassVar, Literal
 from peft.config import PeftConfig
 
 from ..checkpoint import CheckedCheckpointMixin
+from ..quant.tile_int4 import check_flag
 from ..registry import extend_peft_type
 
 
@@ -25,12 +26,6 @@ def check_positive_number(name: str, value: object) -> None:
     check_number(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}.")
-
-
-def check_bool(name: str, value: object) -> None:
-    """Raise a ``ValueError`` naming the field unless ``value`` is ``True`` or ``False``."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
 
 
 def check_module_names(name: str, value: object) -> None:
@@ -96,7 +91,7 @@ class AdapterConfig(CheckedCheckpointMixin, PeftConfig):
             raise ValueError(f"{owner}.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all"):
             raise ValueError(f"{owner}.bias must be 'none' or 'all', got {self.bias!r}.")
-        check_bool(f"{owner}.init_weights", self.init_weights)
+        check_flag(f"{owner}.init_weights", self.init_weights)
         for name in ("target_modules", "exclude_modules"):
             check_module_names(f"{owner}.{name}", getattr(self, name))
         layers = self.layers_to_transform

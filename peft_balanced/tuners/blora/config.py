@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...ops import check_factor
-from ..base_config import AdapterConfig, check_bool
+from ...quant.tile_int4 import check_flag
+from ..base_config import AdapterConfig
 
 
 @dataclass
@@ -52,7 +53,7 @@ class BLoRAConfig(AdapterConfig):
         super().__post_init__()
         check_factor("BLoRAConfig.r", self.r)
         check_factor("BLoRAConfig.balance_factor", self.balance_factor)
-        check_bool("BLoRAConfig.skip_indivisible", self.skip_indivisible)
+        check_flag("BLoRAConfig.skip_indivisible", self.skip_indivisible)
 
     def expected_rank_dims(self) -> dict[str, tuple[int, int]]:
         inner = self.balance_factor * self.r
