@@ -15,7 +15,8 @@ import torch
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from tiny import tiny_llama, tiny_tokenizer
 
-from peft_balanced import BLoRAConfig, cli, models
+from peft_balanced import BLoRAConfig
+from peft_balanced.demo import cli, models
 
 ROOT = Path(__file__).resolve().parent.parent
 
