@@ -190,7 +190,10 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, peft_config)
+    from .._warnings import quiet_peft_checkpointing_alias
+
+    with quiet_peft_checkpointing_alias():
+        peft_model = get_peft_model(model, peft_config)
     trainable, total = peft_model.get_nb_trainable_parameters()
     print(
         f"[3/6] {type(peft_config).__name__}: {trainable:,} trainable / {total:,} parameters; training "
@@ -376,11 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-every", type=_positive_int, default=10, help="print the loss every N steps")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=run_demo)
+    # `sft` is parsed by TRL's TrlParser in peft_balanced.sft (main() hands it over); listed here for --help.
+    sub.add_parser("sft", add_help=False, help="TRL-style fine-tuning with blora / qablora / gradapprox (sft --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``peft-balanced``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sft"]:
+        from ..sft import main as sft_main
+
+        return sft_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
