@@ -230,6 +230,11 @@ def prepare(
             raise SFTArgumentError(f"--merged_output_dir {merged_dir} exists and is not empty; choose a new directory")
     elif balanced.merged_output_dir is not None:
         raise SFTArgumentError("--merged_output_dir needs --merge")
+    if balanced.approximator_depth and training_args.world_size > 1:
+        raise SFTArgumentError(
+            f"--approximator_depth runs in one process only (its predicted updates are not all-reduced); this "
+            f"launch has {training_args.world_size} processes. Use --approximator_depth 0 or a single process"
+        )
     _local_data_files(script_args.dataset_name)
     targets = _targets(model_args.lora_target_modules)
     config = _read_model_config(model_args, training_args)
