@@ -198,6 +198,11 @@ def _local_data_files(name: str) -> tuple[str, list[str]] | None:
     return builder, files
 
 
+def _trust_remote_code(training_args: SFTConfig, model_args: ModelConfig) -> bool:
+    """``--trust_remote_code``: an ``SFTConfig`` field in recent TRL, a ``ModelConfig`` one in TRL 1.0."""
+    return bool(getattr(training_args, "trust_remote_code", False) or getattr(model_args, "trust_remote_code", False))
+
+
 def _read_model_config(model_args: ModelConfig, training_args: SFTConfig) -> Any:
     from transformers import AutoConfig
 
@@ -205,7 +210,7 @@ def _read_model_config(model_args: ModelConfig, training_args: SFTConfig) -> Any
         return AutoConfig.from_pretrained(
             model_args.model_name_or_path,
             revision=model_args.model_revision,
-            trust_remote_code=training_args.trust_remote_code,
+            trust_remote_code=_trust_remote_code(training_args, model_args),
         )
     except (OSError, ValueError) as err:
         raise SFTArgumentError(
@@ -309,15 +314,18 @@ def build_trainer(
         eval_dataset = _split(dataset, script_args.dataset_test_split, "--dataset_test_split")
     model_init_kwargs = {
         "revision": model_args.model_revision,
-        "trust_remote_code": training_args.trust_remote_code,
+        "trust_remote_code": _trust_remote_code(training_args, model_args),
         "attn_implementation": model_args.attn_implementation,
         "dtype": model_args.dtype,
     }
+    quantization_config = _quantization_config(balanced, model_args, plan)
+    if quantization_config is not None:  # via model_init_kwargs: trl 1.0's SFTTrainer has no quantization_config=
+        model_init_kwargs["quantization_config"] = quantization_config
     training_args.model_init_kwargs = model_init_kwargs | dict(training_args.model_init_kwargs or {})
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
+        trust_remote_code=_trust_remote_code(training_args, model_args),
     )
     trainer_cls, callbacks = SFTTrainer, []
     if balanced.peft_method == "gradapprox":
@@ -336,7 +344,6 @@ def build_trainer(
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
             peft_config=build_peft_config(balanced, model_args, plan),
-            quantization_config=_quantization_config(balanced, model_args, plan),
             callbacks=callbacks,
         )
 
