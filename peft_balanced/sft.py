@@ -120,8 +120,11 @@ class BalancedSFTConfig(SFTConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.gradient_checkpointing is None and self.activation_checkpointing is None:
-            self.activation_checkpointing = True
+        if self.gradient_checkpointing is None:
+            if not hasattr(self, "activation_checkpointing"):  # transformers before the rename
+                self.gradient_checkpointing = True
+            elif self.activation_checkpointing is None:
+                self.activation_checkpointing = True
         super().__post_init__()
 
 

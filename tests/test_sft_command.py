@@ -284,3 +284,14 @@ def test_the_demo_emits_no_deprecation_warning_caused_by_peft_balanced(tmp_path,
     with recorded_warnings() as records:
         assert cli.main([*argv, "--no-progress"]) == 0
     assert deprecations_from(records, PACKAGE_DIR) == []
+
+
+def test_checkpointing_keeps_trls_default_on_and_an_explicit_flag_still_turns_it_off():
+    def training_args(*flags):
+        return make_parser().parse_args_and_config(["--use_cpu", "--output_dir", "x", *flags])[1]
+
+    defaults = training_args()
+    explicit = training_args("--gradient_checkpointing", "false")
+    new_name = training_args("--activation_checkpointing", "false")
+    assert defaults.gradient_checkpointing is True
+    assert explicit.gradient_checkpointing is False and new_name.gradient_checkpointing is False
