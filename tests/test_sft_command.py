@@ -295,3 +295,24 @@ def test_checkpointing_keeps_trls_default_on_and_an_explicit_flag_still_turns_it
     new_name = training_args("--activation_checkpointing", "false")
     assert defaults.gradient_checkpointing is True
     assert explicit.gradient_checkpointing is False and new_name.gradient_checkpointing is False
+
+
+@pytest.fixture(scope="module")
+def tile_int4_dir(tmp_path_factory) -> Path:
+    """A tiny Llama saved in the 4x8 tile-INT4 format (``quantize_model`` + ``save_pretrained``)."""
+    path = tmp_path_factory.mktemp("tile_int4")
+    peft_balanced.quantize_model(tiny_llama(initializer_range=0.1), tile=(4, 8)).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_qablora_trains_from_a_tile_int4_checkpoint_without_load_in_4bit(tile_int4_dir, data_dir, tmp_path):
+    out = run_sft(tile_int4_dir, data_dir / "text.parquet", tmp_path / "out", "--peft_method", "qablora")
+    assert json.loads((out / "adapter_config.json").read_text())["tile"] == [4, 8]
+
+
+def test_a_tile_that_differs_from_the_checkpoints_fails_before_loading(tile_int4_dir, data_dir, tmp_path, capsys):
+    argv = ["sft", "--model_name_or_path", str(tile_int4_dir), "--dataset_name", str(data_dir / "text.parquet")]
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--use_cpu", "--output_dir", str(tmp_path), "--peft_method", "qablora", "--tile", "8,8"])
+    assert "--tile 8,8 does not match the tile 4,8" in capsys.readouterr().err
