@@ -12,6 +12,7 @@ INT4 format (:class:`~peft_balanced.TileInt4Config`) for QA-BLoRA. Wrong combina
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import sys
@@ -194,7 +195,7 @@ def _local_data_files(name: str) -> tuple[str, list[str]] | None:
     builder = DATA_FILE_BUILDERS.get(Path(name).suffix.lower())
     if builder is None:
         return None
-    files = sorted(str(p) for p in Path().glob(name)) if any(c in name for c in "*?[") else [name]
+    files = sorted(glob.glob(name)) if glob.has_magic(name) else [name]
     files = [f for f in files if Path(f).is_file()]
     if not files:
         raise SFTArgumentError(f"--dataset_name {name}: no such file (local {builder} data)")

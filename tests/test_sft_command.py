@@ -316,3 +316,16 @@ def test_a_tile_that_differs_from_the_checkpoints_fails_before_loading(tile_int4
     with pytest.raises(SystemExit):
         cli.main([*argv, "--use_cpu", "--output_dir", str(tmp_path), "--peft_method", "qablora", "--tile", "8,8"])
     assert "--tile 8,8 does not match the tile 4,8" in capsys.readouterr().err
+
+
+def test_a_glob_of_local_files_is_one_train_split(tmp_path):
+    from trl import ScriptArguments
+
+    from peft_balanced.sft import load_sft_dataset
+
+    for part in range(2):
+        (tmp_path / f"part{part}.jsonl").write_text(
+            "".join(json.dumps({"text": f"{part}-{i}"}) + "\n" for i in range(3))
+        )
+    dataset = load_sft_dataset(ScriptArguments(dataset_name=str(tmp_path / "part*.jsonl")))
+    assert sorted(dataset) == ["train"] and dataset["train"].num_rows == 6
