@@ -35,7 +35,8 @@ def main(script_args, training_args, model_args, balanced_args, given):
                 model, balanced_args.peft_method, plan.merged_dir, balanced_args.merged_dtype, trainer.processing_class
             )
         trainer.accelerator.wait_for_everyone()
-    trainer.end()  # finish trackers, destroy the process group (transformers >= 5.18)
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers, destroy the process group
+        trainer.end()
 
 
 if __name__ == "__main__":
