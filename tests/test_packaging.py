@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -38,3 +39,14 @@ def test_readme_setup_commands_install_the_cpu_torch_in_the_same_pip_call_as_the
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     commands = [b for b in blocks if "python3 -m venv" in b]
     assert commands and all(re.search(r"pip install -q torch==2\.13\.0 -e \"\.\[\w+\]\"", c) for c in commands)
+
+
+def test_console_script_routes_the_sft_subcommand_to_trls_parser(capsys):
+    tomllib = pytest.importorskip("tomllib")
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["peft-balanced"]
+    module_name, _, attribute = target.partition(":")
+    entry_point = getattr(importlib.import_module(module_name), attribute)
+    with pytest.raises(SystemExit) as info:
+        entry_point(["sft", "--help"])
+    assert info.value.code == 0
+    assert "--peft_method" in capsys.readouterr().out

@@ -16,7 +16,8 @@ from tiny import tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import peft_balanced
-from peft_balanced import TileInt4Config, TileInt4Linear, cli
+from peft_balanced import TileInt4Config, TileInt4Linear
+from peft_balanced.demo import cli
 from peft_balanced.sft import BalancedArguments, make_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,7 +268,7 @@ def test_example_script_trains_and_saves_an_adapter(model_dir, data_dir, tmp_pat
 
 def test_the_demo_emits_no_deprecation_warning_caused_by_peft_balanced(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    from peft_balanced import models
+    from peft_balanced.demo import models
 
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
