@@ -27,7 +27,14 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("peft-balanced sft needs TRL and datasets: pip install 'peft-balanced[trl]'") from err
 
 from ._warnings import quiet_peft_checkpointing_alias
-from .sft_checks import METHODS, SFTArgumentError, check_flags, check_model_shapes
+from .sft_checks import (
+    METHODS,
+    REMOTE_CODE_FLAG,
+    SFTArgumentError,
+    check_flags,
+    check_model_shapes,
+    check_no_remote_code,
+)
 
 __all__ = [
     "BalancedArguments",
@@ -154,6 +161,7 @@ MODEL_FLAG_HELP = {
     "load_in_4bit": "Load the base in 4 bits: bitsandbytes NF4 for blora (= Q-BLoRA) and gradapprox; the 2-D-tile "
     "INT4 format with --tile (TileInt4Config) for qablora, which requires it unless the model is saved in tile INT4.",
     "load_in_8bit": "Load the base in bitsandbytes 8-bit (blora / gradapprox only).",
+    REMOTE_CODE_FLAG: "Refused: peft-balanced sft never runs code shipped with a model.",
 }
 
 
@@ -202,19 +210,13 @@ def _local_data_files(name: str) -> tuple[str, list[str]] | None:
     return builder, files
 
 
-def _trust_remote_code(training_args: SFTConfig, model_args: ModelConfig) -> bool:
-    """``--trust_remote_code``: an ``SFTConfig`` field in recent TRL, a ``ModelConfig`` one in TRL 1.0."""
-    return bool(getattr(training_args, "trust_remote_code", False) or getattr(model_args, "trust_remote_code", False))
-
-
-def _read_model_config(model_args: ModelConfig, training_args: SFTConfig) -> Any:
+def _read_model_config(model_args: ModelConfig) -> Any:
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(
             model_args.model_name_or_path,
             revision=model_args.model_revision,
-            trust_remote_code=_trust_remote_code(training_args, model_args),
         )
     except (OSError, ValueError) as err:
         raise SFTArgumentError(
@@ -232,6 +234,7 @@ def prepare(
     """Every check that can run before a model loads: flag combinations, data files, output dirs, model shapes."""
     given = set(given or ())
     check_flags(balanced, model_args, script_args, given)
+    check_no_remote_code(training_args, model_args)
     merged_dir = None
     if balanced.merge:
         merged_dir = Path(balanced.merged_output_dir or Path(training_args.output_dir) / "merged")
@@ -246,7 +249,7 @@ def prepare(
         )
     _local_data_files(script_args.dataset_name)
     targets = _targets(model_args.lora_target_modules)
-    config = _read_model_config(model_args, training_args)
+    config = _read_model_config(model_args)
     tile = check_model_shapes(balanced, model_args, config, targets)
     return SFTPlan(target_modules=targets, tile=tile, merged_dir=merged_dir, given=given)
 
@@ -318,7 +321,6 @@ def build_trainer(
         eval_dataset = _split(dataset, script_args.dataset_test_split, "--dataset_test_split")
     model_init_kwargs = {
         "revision": model_args.model_revision,
-        "trust_remote_code": _trust_remote_code(training_args, model_args),
         "attn_implementation": model_args.attn_implementation,
         "dtype": model_args.dtype,
     }
@@ -326,11 +328,7 @@ def build_trainer(
     if quantization_config is not None:  # via model_init_kwargs: trl 1.0's SFTTrainer has no quantization_config=
         model_init_kwargs["quantization_config"] = quantization_config
     training_args.model_init_kwargs = model_init_kwargs | dict(training_args.model_init_kwargs or {})
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        trust_remote_code=_trust_remote_code(training_args, model_args),
-    )
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     trainer_cls, callbacks = SFTTrainer, []
     if balanced.peft_method == "gradapprox":
         callbacks.append(

