@@ -13,10 +13,11 @@ import pytest
 import safetensors.torch
 import torch
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import tiny_llama
+from tiny_demo import use_tiny_demo_model
 
 from peft_balanced import BLoRAConfig
-from peft_balanced.demo import cli, models
+from peft_balanced.demo import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,21 +176,11 @@ def test_package_reads_no_pickles():
 
 
 def test_failed_demo_run_leaves_previous_outputs_and_no_staging(tmp_path, monkeypatch):
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = (
-        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
-    )
-
-    def fake_loader(dtype=torch.float32, quantization=None, **kwargs):
-        model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=128)
-        model.load_seconds = 0.0
-        return model, tokenizer
+    use_tiny_demo_model(monkeypatch)
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed while merging")
 
-    monkeypatch.setattr(models, "load_default_model", fake_loader)
     monkeypatch.setattr(cli, "merge_to_dense", crash)
     out = tmp_path / "demo"
     (out / "adapter").mkdir(parents=True)

@@ -7,16 +7,12 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import LLAMA_TARGETS, tiny_llama, tiny_tokenizer
+from tiny import LLAMA_TARGETS, tiny_llama
+from tiny_demo import use_tiny_demo_model
 from torch import nn
 
 import peft_balanced
 from peft_balanced import cli, models
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
-)
 
 
 @pytest.fixture
@@ -122,17 +118,7 @@ def test_merge_to_dense_on_an_nf4_base_matches_the_adapter(method):
 
 def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     pytest.importorskip("bitsandbytes")
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-
-    def fake_loader(dtype=torch.float32, quantization=None, **kwargs):
-        model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=128)
-        if quantization == "nf4":
-            models.quantize_linear_nf4(model)
-        model.load_seconds = 0.0
-        return model, tokenizer
-
-    monkeypatch.setattr(models, "load_default_model", fake_loader)
+    use_tiny_demo_model(monkeypatch)
     out = tmp_path / "demo"
     argv = ["demo", "--output-dir", str(out), "--steps", "2", "--batch-size", "2", "--eval-size", "3", "--no-progress"]
     assert cli.main(argv) == 0

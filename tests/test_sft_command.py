@@ -13,6 +13,7 @@ import torch
 from origin import deprecations_from, recorded_warnings
 from peft import PeftModel
 from tiny import tiny_llama, tiny_tokenizer
+from tiny_demo import tiny_chat_tokenizer, use_tiny_demo_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import peft_balanced
@@ -22,10 +23,6 @@ from peft_balanced.sft import BalancedArguments, make_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = str(Path(peft_balanced.__file__).parent)
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
-)
 TRAIN_FLAGS = [
     "--use_cpu", "--max_steps", "3", "--per_device_train_batch_size", "4", "--max_length", "32",
     "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--report_to", "none", "--save_strategy", "no",
@@ -38,9 +35,7 @@ def model_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama with a character tokenizer that has a chat template."""
     path = tmp_path_factory.mktemp("tiny_model")
     tiny_llama(initializer_range=0.1).save_pretrained(path)
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
+    tiny_chat_tokenizer().save_pretrained(path)
     return path
 
 
@@ -268,19 +263,7 @@ def test_example_script_trains_and_saves_an_adapter(model_dir, data_dir, tmp_pat
 
 def test_the_demo_emits_no_deprecation_warning_caused_by_peft_balanced(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    from peft_balanced.demo import models
-
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-
-    def tiny_loader(dtype=torch.float32, quantization=None, **kwargs):
-        model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=128)
-        if quantization == "nf4":
-            models.quantize_linear_nf4(model)
-        model.load_seconds = 0.0
-        return model, tokenizer
-
-    monkeypatch.setattr(models, "load_default_model", tiny_loader)
+    use_tiny_demo_model(monkeypatch)
     argv = ["demo", "--output-dir", str(tmp_path), "--steps", "1", "--batch-size", "2", "--eval-size", "2"]
     with recorded_warnings() as records:
         assert cli.main([*argv, "--no-progress"]) == 0
