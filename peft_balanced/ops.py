@@ -69,6 +69,41 @@ def expand_blocks(matrix: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return out
 
 
+def _compute_dtype(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.dtype:
+    """The dtype of the small products: the autocast dtype under autocast (as ``nn.Linear``'s), else the weights'."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weights[0].dtype
+
+
+def _balanced_forward(base, x, weights, scaling, k_in, k_out, compute_dtype):
+    """``(out, hidden, cast)``: the fused add, the small activations ``[pool(x), W_1 pool(x), …]`` (``n`` of them,
+    the last product excluded) and the weights cast to ``compute_dtype``. Autocast is off inside."""
+    with torch.autocast(x.device.type, enabled=False):
+        cast = [weight.to(compute_dtype) for weight in weights]
+        hidden = [pool(x, k_in, dtype=compute_dtype)]
+        for weight in cast:
+            hidden.append(torch.nn.functional.linear(hidden[-1], weight))
+        small = hidden.pop() * scaling
+        out = add_expanded(base, small, k_out)
+    return out, hidden, cast
+
+
+def _balanced_backward(grad, hidden, cast, scaling, k_in, k_out, x_dtype, weight_dtypes, needs_x, needs_weights):
+    """``(grad_x, [grad_W_i])`` of :func:`_balanced_forward` for the output gradient ``grad: (..., D_out)``."""
+    n = len(cast)
+    grad_small = grad.unflatten(-1, (-1, k_out)).sum(dim=-1, dtype=cast[-1].dtype) * scaling
+    grad_weights = [None] * n
+    for i in reversed(range(n)):
+        if needs_weights[i]:
+            grad_weight = grad_small.flatten(0, -2).T @ hidden[i].flatten(0, -2)
+            grad_weights[i] = grad_weight.to(weight_dtypes[i])
+        grad_small = grad_small @ cast[i]
+    grad_x = expand((grad_small / k_in).to(x_dtype), k_in) if needs_x else None
+    return grad_x, grad_weights
+
+
 class _BalancedAdd(torch.autograd.Function):
     """``base + expand_k_out(s · pool_k_in(x) Wᵀ…)`` as one autograd node (see :func:`add_balanced_adapter`)."""
 
@@ -76,18 +111,7 @@ class _BalancedAdd(torch.autograd.Function):
     def forward(ctx, base, x, scaling, k_in, k_out, *weights):
         # Under autocast the small products run in the autocast dtype, as nn.Linear's would; the backward then
         # returns each weight's gradient in that weight's own dtype (e.g. fp32 master weights).
-        device_type = x.device.type
-        compute_dtype = weights[0].dtype
-        if torch.is_autocast_enabled(device_type):
-            compute_dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
-            cast = [weight.to(compute_dtype) for weight in weights]
-            pooled = pool(x, k_in, dtype=compute_dtype)
-            hidden = [pooled]
-            for weight in cast:
-                hidden.append(torch.nn.functional.linear(hidden[-1], weight))
-            small = hidden.pop() * scaling
-            out = add_expanded(base, small, k_out)
+        out, hidden, cast = _balanced_forward(base, x, weights, scaling, k_in, k_out, _compute_dtype(x, weights))
         ctx.save_for_backward(*hidden, *cast)
         ctx.scaling, ctx.k_in, ctx.k_out, ctx.x_dtype, ctx.n = scaling, k_in, k_out, x.dtype, len(weights)
         ctx.weight_dtypes = [weight.dtype for weight in weights]
@@ -96,17 +120,11 @@ class _BalancedAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         saved = ctx.saved_tensors
-        hidden, weights = saved[: ctx.n], saved[ctx.n :]
-        grad_small = grad.unflatten(-1, (-1, ctx.k_out)).sum(dim=-1, dtype=weights[-1].dtype) * ctx.scaling
-        grad_weights = [None] * ctx.n
-        for i in reversed(range(ctx.n)):
-            if ctx.needs_input_grad[5 + i]:
-                grad_weight = grad_small.flatten(0, -2).T @ hidden[i].flatten(0, -2)
-                grad_weights[i] = grad_weight.to(ctx.weight_dtypes[i])
-            grad_small = grad_small @ weights[i]
-        grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_x = expand((grad_small / ctx.k_in).to(ctx.x_dtype), ctx.k_in)
+        hidden, cast = saved[: ctx.n], saved[ctx.n :]
+        grad_x, grad_weights = _balanced_backward(
+            grad, hidden, cast, ctx.scaling, ctx.k_in, ctx.k_out, ctx.x_dtype, ctx.weight_dtypes,
+            ctx.needs_input_grad[1], ctx.needs_input_grad[5:],
+        )  # fmt: skip
         return grad, grad_x, None, None, None, *grad_weights
 
 
@@ -120,5 +138,95 @@ def add_balanced_adapter(
     without materializing the expansion. Forward values equal the unfused ops; the backward keeps the small
     activations only (``pool(x)`` and the intermediate products) and sums gradients over groups in the weights'
     dtype. One node instead of a dozen keeps the per-layer host overhead low.
+
+    Eager calls run an ``autograd.Function`` (the least host overhead); under ``torch.compile`` the same math runs
+    as the custom op ``peft_balanced::balanced_add`` (:mod:`peft_balanced._custom_ops`), so no graph breaks.
     """
+    if CUSTOM_OPS and torch.compiler.is_compiling():
+        out, _ = torch.ops.peft_balanced.balanced_add(
+            base, x, list(weights), float(scaling), k_in, k_out, _compute_dtype(x, weights)
+        )
+        return out
     return _BalancedAdd.apply(base, x, scaling, k_in, k_out, *weights)
+
+
+# ---------------------------------------------------------------------------------------------- custom op
+# torch.library custom ops (torch >= 2.4) are opaque to torch.compile: a fake (meta) function gives output shapes,
+# and the backward below is traced into the compiled backward graph. On older torch, compiled code falls back to
+# tracing the autograd.Function above.
+CUSTOM_OPS = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd")
+
+
+def _pools_in_place(x: torch.Tensor, k_in: int, compute_dtype: torch.dtype) -> bool:
+    """``pool(x, k_in, compute_dtype) is x``: then the op saves nothing for ``pool(x)`` (a custom op's outputs may
+    not alias its inputs) and the backward reads ``x``."""
+    return k_in == 1 and x.dtype == compute_dtype
+
+
+def _registered(name: str) -> bool:
+    try:
+        getattr(torch.ops.peft_balanced, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def define_custom_op(name: str, function, mutates_args=()):
+    """``torch.library.custom_op("peft_balanced::<name>")`` once per process (a module reload keeps the first)."""
+    if _registered(name):
+        return None
+    return torch.library.custom_op(f"peft_balanced::{name}", function, mutates_args=mutates_args)
+
+
+def _balanced_add_op(
+    base: torch.Tensor,
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    scaling: float,
+    k_in: int,
+    k_out: int,
+    compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(out, saved)``: :func:`add_balanced_adapter`'s output and the small activations its backward reads."""
+    out, hidden, _ = _balanced_forward(base, x, weights, scaling, k_in, k_out, compute_dtype)
+    if _pools_in_place(x, k_in, compute_dtype):
+        hidden = hidden[1:]
+    return out, [h.clone() if h is x else h for h in hidden]
+
+
+def _balanced_add_fake(base, x, weights, scaling, k_in, k_out, compute_dtype):
+    if x.shape[-1] % k_in:
+        raise ValueError(f"Cannot pool {x.shape[-1]} features by {k_in}: {x.shape[-1]} is not a multiple of {k_in}.")
+    lead = x.shape[:-1]
+    widths = [x.shape[-1] // k_in] + [weight.shape[0] for weight in weights[:-1]]
+    if _pools_in_place(x, k_in, compute_dtype):
+        widths = widths[1:]
+    saved = [x.new_empty((*lead, width), dtype=compute_dtype) for width in widths]
+    return torch.empty_like(base), saved
+
+
+def _balanced_add_setup(ctx, inputs, output):
+    base, x, weights, scaling, k_in, k_out, compute_dtype = inputs
+    saved = list(output[1])
+    ctx.pooled_x = _pools_in_place(x, k_in, compute_dtype)
+    ctx.save_for_backward(*([x] if ctx.pooled_x else []), *saved, *weights)
+    ctx.scaling, ctx.k_in, ctx.k_out, ctx.compute_dtype, ctx.n = scaling, k_in, k_out, compute_dtype, len(weights)
+    ctx.x_dtype, ctx.weight_dtypes = x.dtype, [weight.dtype for weight in weights]
+
+
+def _balanced_add_backward(ctx, grad, grad_saved):
+    tensors = ctx.saved_tensors
+    hidden, weights = tensors[: ctx.n], tensors[ctx.n :]
+    cast = [weight.to(ctx.compute_dtype) for weight in weights]  # the forward's cast, recomputed (small)
+    grad_x, grad_weights = _balanced_backward(
+        grad, hidden, cast, ctx.scaling, ctx.k_in, ctx.k_out, ctx.x_dtype, ctx.weight_dtypes,
+        ctx.needs_input_grad[1], ctx.needs_input_grad[2],
+    )  # fmt: skip
+    return grad, grad_x, grad_weights, None, None, None, None
+
+
+if CUSTOM_OPS:
+    _op = define_custom_op("balanced_add", _balanced_add_op)
+    if _op is not None:
+        _op.register_fake(_balanced_add_fake)
+        _op.register_autograd(_balanced_add_backward, setup_context=_balanced_add_setup)

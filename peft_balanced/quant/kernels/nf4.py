@@ -16,12 +16,14 @@ The adapter layers use it for bitsandbytes NF4 bases on CUDA when more than :dat
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...ops import CUSTOM_OPS, define_custom_op
 from ...settings import fast_nf4_allowed
 from .support import triton_available
 
@@ -151,12 +153,120 @@ def nf4_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Forward of a bitsandbytes ``Linear4bit`` NF4 ``module`` through :func:`nf4_dequantize` and cuBLAS.
 
     Mirrors ``Linear4bit.forward``: the input is cast to the layer's compute dtype and the output back to the input's.
+    Eager calls run an ``autograd.Function``; under ``torch.compile`` the custom op ``peft_balanced::nf4_linear``
+    (same math, the quantization state passed as tensors) keeps the graph whole.
     """
     weight = module.weight
     compute_dtype = module.compute_dtype or x.dtype
     bias = module.bias.to(compute_dtype) if module.bias is not None else None
-    out = _NF4Linear.apply(x.to(compute_dtype), weight.data, weight.quant_state, bias)
+    if CUSTOM_OPS and torch.compiler.is_compiling():
+        out = torch.ops.peft_balanced.nf4_linear(
+            x.to(compute_dtype), weight.data, *_state_args(weight.quant_state), bias
+        )
+    else:
+        out = _NF4Linear.apply(x.to(compute_dtype), weight.data, weight.quant_state, bias)
     return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
+# A bitsandbytes QuantState is not a tensor: the ops take its tensors and sizes, and rebuild a state from them.
+
+
+def _state_args(quant_state: Any) -> tuple:
+    """``(code, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)`` of a QuantState."""
+    state2 = quant_state.state2 if quant_state.nested else None
+    return (
+        quant_state.code,
+        quant_state.absmax,
+        None if state2 is None else state2.absmax,
+        None if state2 is None else state2.code,
+        None if state2 is None else torch.as_tensor(quant_state.offset, device=quant_state.absmax.device),
+        int(quant_state.blocksize),
+        1 if state2 is None else int(state2.blocksize),
+        [int(size) for size in quant_state.shape],
+        quant_state.dtype,
+    )
+
+
+def _state(code, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype) -> SimpleNamespace:
+    """A stand-in QuantState with the fields :func:`nf4_dequantize` reads."""
+    nested = absmax2 is not None
+    state2 = SimpleNamespace(absmax=absmax2, code=code2, blocksize=blocksize2) if nested else None
+    return SimpleNamespace(
+        code=code, absmax=absmax, nested=nested, state2=state2, offset=offset, blocksize=blocksize,
+        shape=torch.Size(shape), dtype=dtype,
+    )  # fmt: skip
+
+
+def _nf4_dequantize_op(
+    packed: torch.Tensor,
+    code: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    blocksize2: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`nf4_dequantize` on a state given as tensors: the weight ``shape`` in ``dtype``."""
+    return nf4_dequantize(packed, _state(code, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype))
+
+
+def _nf4_dequantize_fake(packed, code, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+def _nf4_linear_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    code: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    blocksize2: int,
+    shape: list[int],
+    dtype: torch.dtype,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` with ``W`` the dequantized weight (rounded to ``dtype``, then to ``x``'s)."""
+    weight = _nf4_dequantize_op(packed, code, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
+    return F.linear(x, weight.to(x.dtype), bias)
+
+
+def _nf4_linear_fake(x, packed, code, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype, bias):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+def _nf4_linear_setup(ctx, inputs, output):
+    x, packed, *state, bias = inputs
+    ctx.save_for_backward(packed, *(t for t in state[:5] if t is not None))
+    ctx.sizes, ctx.nested, ctx.has_bias = state[5:], state[2] is not None, bias is not None
+
+
+def _nf4_linear_backward(ctx, grad_out):
+    packed, code, absmax, *rest = ctx.saved_tensors
+    absmax2, code2, offset = rest if ctx.nested else (None, None, None)
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = torch.ops.peft_balanced.nf4_dequantize(packed, code, absmax, absmax2, code2, offset, *ctx.sizes)
+        grad_x = grad_out @ weight.to(grad_out.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[11]:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return (grad_x, *([None] * 10), grad_bias)
+
+
+if CUSTOM_OPS:
+    _dequantize_op = define_custom_op("nf4_dequantize", _nf4_dequantize_op)
+    if _dequantize_op is not None:
+        _dequantize_op.register_fake(_nf4_dequantize_fake)
+    _linear_op = define_custom_op("nf4_linear", _nf4_linear_op)
+    if _linear_op is not None:
+        _linear_op.register_fake(_nf4_linear_fake)
+        _linear_op.register_autograd(_nf4_linear_backward, setup_context=_nf4_linear_setup)
 
 
 def uses_fast_nf4(module: nn.Module, x: torch.Tensor) -> bool:
