@@ -1,0 +1,84 @@
+"""Opt-in ``torch.compile`` of a model for training, one decoder layer at a time (regional compilation).
+
+Compiling each repeated decoder layer instead of the whole model keeps compile time to one layer's (the layers
+share one compiled graph: same code, same shapes) and leaves the embedding, the loss and peft's wrappers eager.
+The package's own nodes (the fused balanced-adapter add, the NF4 dequantize-matmul) are ``torch.library`` custom ops
+under compile, so a decoder layer with BLoRA, Q-BLoRA or QA-BLoRA adapters compiles without graph breaks.
+
+Not yet measured on a GPU (see docs/benchmarks.md). Limits:
+
+* Gradient checkpointing: transformers wraps each decoder layer's call in ``torch.utils.checkpoint``; the compiled
+  layer runs inside it (the recomputation re-runs the compiled forward). Enable checkpointing before or after, with
+  ``use_reentrant=False``.
+* ``mode="reduce-overhead"`` uses CUDA graphs: shapes must be static (pad or pack every batch to one length;
+  ``dynamic=False``), and a new shape records a new graph. On CPU it is the same as ``"default"``.
+* Changing the model's structure afterwards (adding, deleting or merging adapters, switching the active adapter)
+  triggers a recompile on the next call; merging in place is fine, a new layer object is not seen.
+* Numerics: inductor fuses and reorders float32 operations, so float32 results are close to, not bit-identical
+  with, eager's; with ``emulate_precision_casts`` (the default) bf16 results follow eager's roundings.
+* Every compiled model adds guards to the one compiled decoder-layer code; more than
+  ``torch._dynamo.config.recompile_limit`` (8) differently built models in one process fall back to eager
+  silently: raise the limit (``benchmarks/speed.py`` does) or call ``torch._dynamo.reset()`` between models.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["COMPILE_MODES", "compile_for_training", "decoder_layers"]
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)  # a PeftModel
+    return get_base() if callable(get_base) else model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated decoder layers of a transformers model (also inside a ``PeftModel``).
+
+    The layer classes are the model's ``_no_split_modules`` (transformers' own list of blocks never split across
+    devices); without it, the children of the longest ``nn.ModuleList`` whose entries all have one class.
+    """
+    base = _base_model(model)
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [module for module in base.modules() if type(module).__name__ in names]
+    if layers:
+        return layers
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1]
+    return list(max(lists, key=len)) if lists else []
+
+
+def compile_for_training(
+    model: nn.Module, mode: str = "default", dynamic: bool | None = None, emulate_precision_casts: bool = True
+) -> nn.Module:
+    """Compile every decoder layer of ``model`` in place with ``layer.compile(...)`` in ``mode``.
+
+    ``model``: a transformers model or a ``PeftModel`` around one (adapters already added). Returns ``model``.
+    ``mode``: a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``: CUDA graphs, static shapes).
+    ``dynamic``: ``torch.compile``'s (``None``: static first, dynamic after a shape changes; ``False`` for
+    ``"reduce-overhead"`` with fixed-length batches). ``emulate_precision_casts``: inductor rounds every
+    intermediate to its eager dtype (bf16 / fp16) instead of keeping it in float32 inside a fused kernel, so
+    low-precision results follow eager's roundings (on CPU, bf16 training matched eager bit for bit in our tests);
+    ``False`` may be faster. See this module's docstring for the limits.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"compile_for_training: mode must be one of {', '.join(map(repr, COMPILE_MODES))}, got {mode!r}"
+        )
+    if dynamic not in (None, True, False):
+        raise ValueError(f"compile_for_training: dynamic must be None, True or False, got {dynamic!r}")
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(
+            f"compile_for_training: found no repeated decoder layers in {type(_base_model(model)).__name__} (neither "
+            "its _no_split_modules classes nor an nn.ModuleList of one class); compile the model yourself with "
+            "torch.compile(model)."
+        )
+    from torch._inductor import list_mode_options
+
+    options = {**list_mode_options(mode, dynamic), "emulate_precision_casts": bool(emulate_precision_casts)}
+    for layer in layers:
+        layer.compile(dynamic=dynamic, options=options)
+    return model
