@@ -7,6 +7,7 @@
 """
 
 from .checkpoint import install_checkpoint_guards
+from .compilation import compile_for_training
 from .demo.models import load_default_model
 from .export import export_gguf
 from .quant import TileInt4Config, TileInt4Linear, TileInt4Spec, quantize_model
@@ -51,6 +52,7 @@ __all__ = [
     "TileInt4Linear",
     "TileInt4Spec",
     "__version__",
+    "compile_for_training",
     "export_gguf",
     "get_kernel_preference",
     "init_gradapprox",
