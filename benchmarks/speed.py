@@ -2,6 +2,12 @@
 
     PYTHONUNBUFFERED=1 python benchmarks/speed.py                 # the H100 run of docs/benchmarks.md
     python benchmarks/speed.py --tiny                             # a CPU smoke run of the harness (seconds)
+    python benchmarks/speed.py --compile off,default              # each training method eager and compiled
+
+``--compile`` (a comma list of ``off``, ``default``, ``reduce-overhead``) trains every method once per setting, the
+compiled ones through ``peft_balanced.compile_for_training`` (each decoder layer compiled; the first rounds include
+the compile, so raise ``--warmup`` to keep it out of the medians). Rows carry ``compile`` and the process's dynamo
+graph-break / recompile counts.
 
 Training (one process, one GPU, batch ``--batch`` x ``--seq`` tokens, AdamW, gradient checkpointing on and off):
 peft LoRA on bf16, peft QLoRA on bitsandbytes NF4 (double quant, bf16 compute), BLoRA on bf16, Q-BLoRA on NF4,
@@ -36,6 +42,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 import peft_balanced  # noqa: E402
 from peft_balanced.models import LLAMA_PROJECTIONS, quantize_linear_nf4  # noqa: E402
 
+COMPILE_SETTINGS = ("off", "default", "reduce-overhead")
 METHODS = ("lora", "qlora", "blora", "qblora", "qblora_bnb", "qablora", "qlora_match", "gradapprox")
 BASE_OF = {  # method -> base format
     "lora": "bf16", "blora": "bf16", "gradapprox": "bf16",
@@ -124,14 +131,16 @@ GROUPS = (("lora", "blora", "gradapprox"), ("qlora", "qblora", "qblora_bnb", "ql
 class Trainee:
     """One adapted model with its optimizer; its own resident memory is the allocation growth while building it."""
 
-    def __init__(self, method: str, args, qablora_params: int) -> None:
+    def __init__(self, method: str, args, qablora_params: int, compile_mode: str = "off") -> None:
         before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-        self.method, self.args = method, args
+        self.method, self.args, self.compile_mode = method, args, compile_mode
         self.model = get_peft_model(build_model(args, BASE_OF[method]), adapter_config(method, args, qablora_params))
         if args.adapter_dtype == "bf16":
             for param in self.model.parameters():
                 if param.requires_grad:
                     param.data = param.data.to(torch.bfloat16)
+        if compile_mode != "off":
+            peft_balanced.compile_for_training(self.model, mode=compile_mode, dynamic=False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
         self.optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -158,6 +167,8 @@ class Trainee:
                 torch.cuda.reset_peak_memory_stats()
             allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
             start = time.perf_counter()
+            if self.compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # a new training step: CUDA-graph outputs may be reused
             loss = self.model(**self.batch).loss
             loss.backward()
             self.optimizer.step()
@@ -175,6 +186,7 @@ class Trainee:
         return {
             "method": self.method,
             "base": BASE_OF[self.method],
+            "compile": self.compile_mode,
             "gc": gc_on,
             "trainable": self.trainable,
             "step_s": step_s,
@@ -189,10 +201,22 @@ class Trainee:
         }
 
 
-def train_group(methods: list[str], gc_settings: list[bool], args, qablora_params: int) -> list[dict]:
+def dynamo_counts() -> dict:
+    """Graph breaks and distinct graphs dynamo has counted in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "unique_graphs": counters["stats"].get("unique_graphs", 0),
+    }
+
+
+def train_group(
+    methods: list[str], gc_settings: list[bool], args, qablora_params: int, compile_mode: str = "off"
+) -> list[dict]:
     """Step time of every method in the group, measured in interleaved rounds (one step of each method per round,
     the order rotating) so that drifts of the machine hit every method alike; medians over ``--steps`` rounds."""
-    trainees = [Trainee(method, args, qablora_params) for method in methods]
+    trainees = [Trainee(method, args, qablora_params, compile_mode) for method in methods]
     rows = []
     for gc_on in gc_settings:
         for trainee in trainees:
@@ -212,6 +236,8 @@ def train_group(methods: list[str], gc_settings: list[bool], args, qablora_param
             if args.sync_debug:
                 find_syncs(trainee.model, trainee.optimizer, trainee.batch, label, args)
             rows.append(trainee.row(gc_on, resident[trainee.method], gpu_s))
+            if compile_mode != "off":
+                rows[-1].update(dynamo_counts())
             say(json.dumps(rows[-1]))
     del trainees
     gc.collect()
@@ -398,6 +424,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--gc", default="on,off", help="gradient checkpointing settings to run: on, off or on,off")
+    parser.add_argument(
+        "--compile", default="off", help="comma list of off, default, reduce-overhead (compile_for_training modes)"
+    )
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--inter", type=int, default=11008)
@@ -435,23 +464,17 @@ def markdown_table(rows: list[dict], extras: list[dict], args) -> list[str]:
         f"Training, batch {args.batch}x{args.seq}, r={args.r} (BLoRA balance {args.balance}, QA-BLoRA tile "
         f"{args.tile[0]}x{args.tile[1]}), adapters {args.adapter_dtype}, {args.layers} layers:",
         "",
-        "| method | base | grad ckpt | trainable | s/step | tok/s | peak GiB | GPU kernel s |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| method | base | compile | grad ckpt | trainable | s/step | tok/s | peak GiB | GPU kernel s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['method']} | {row['base']} | {'on' if row['gc'] else 'off'} | {row['trainable'] / 1e6:.2f}M "
+            f"| {row['method']} | {row['base']} | {row['compile']} | {'on' if row['gc'] else 'off'} "
+            f"| {row['trainable'] / 1e6:.2f}M "
             f"| {row['step_s']:.3f} | {row['tok_s']:.0f} | {row['peak_gib']:.1f} | "
             + (f"{row['gpu_kernel_s']:.3f} |" if row["gpu_kernel_s"] is not None else "- |")
         )
-    for gc_on in (True, False):
-        by = {r["method"]: r for r in rows if r["gc"] == gc_on}
-        if "qblora" in by and "qlora" in by:
-            ratio = by["qblora"]["tok_s"] / by["qlora"]["tok_s"]
-            lines.append(f"\nQ-BLoRA / QLoRA tok/s, grad ckpt {'on' if gc_on else 'off'}: {ratio:.2f}x")
-        if "qablora" in by and "qlora_match" in by:
-            ratio = by["qablora"]["tok_s"] / by["qlora_match"]["tok_s"]
-            lines.append(f"QA-BLoRA / QLoRA (equal params) tok/s, grad ckpt {'on' if gc_on else 'off'}: {ratio:.2f}x")
+    lines += ratio_lines(rows)
     inference = [e for e in extras if e.get("what") == "inference"]
     if inference:
         lines += ["", "| model | weights GiB | prefill tok/s | decode tok/s (batch 1) |", "|---|---:|---:|---:|"]
@@ -471,6 +494,32 @@ def markdown_table(rows: list[dict], extras: list[dict], args) -> list[str]:
     return lines
 
 
+RATIOS = (("qblora", "qlora", "Q-BLoRA / QLoRA"), ("qablora", "qlora_match", "QA-BLoRA / QLoRA (equal params)"),
+          ("blora", "lora", "BLoRA / LoRA"))  # fmt: skip
+
+
+def ratio_lines(rows: list[dict]) -> list[str]:
+    """tok/s ratios of ours over peft's, at each compile setting, against peft's at the same setting and eager."""
+    lines = []
+    settings = list(dict.fromkeys(r["compile"] for r in rows))
+    for gc_on in (True, False):
+        by = {(r["method"], r["compile"]): r for r in rows if r["gc"] == gc_on}
+        for ours, theirs, label in RATIOS:
+            for setting in settings:
+                for reference in dict.fromkeys((setting, "off")):
+                    if (ours, setting) in by and (theirs, reference) in by:
+                        ratio = by[ours, setting]["tok_s"] / by[theirs, reference]["tok_s"]
+                        line = (
+                            f"{label} tok/s, grad ckpt {'on' if gc_on else 'off'}, ours compile {setting} vs "
+                            f"theirs compile {reference}: {ratio:.2f}x"
+                        )
+                        if by[theirs, reference]["peak_gib"] > 0:  # measured on CUDA only
+                            memory = by[ours, setting]["peak_gib"] / by[theirs, reference]["peak_gib"]
+                            line += f" (peak memory {memory:.2f}x)"
+                        lines.append(line)
+    return [""] + lines if lines else []
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -478,16 +527,28 @@ def main(argv=None) -> None:
         if method not in METHODS:
             raise SystemExit(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     gc_settings = [{"on": True, "off": False}[g] for g in args.gc.split(",") if g]
+    compile_settings = [c for c in args.compile.split(",") if c]
+    for setting in compile_settings:
+        if setting not in COMPILE_SETTINGS:
+            raise SystemExit(f"unknown --compile setting {setting!r}; valid: {', '.join(COMPILE_SETTINGS)}")
+    if set(compile_settings) - {"off"}:
+        import torch._dynamo.config as dynamo_config
+
+        # every compiled model adds guards to the one decoder-layer code: keep dynamo from falling back to eager
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+        dynamo_config.fail_on_recompile_limit_hit = True  # never time a silent fallback to eager
     skip = set(filter(None, args.skip.split(",")))
     if torch.cuda.is_available():
         say(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows, extras = [], []
     qablora_params = qablora_param_count(args)
     if "train" not in skip:
-        for group in GROUPS:
-            todo = [m for m in group if m in methods]
-            if todo:
-                rows += train_group(todo, gc_settings, args, qablora_params)
+        for setting in compile_settings:
+            for group in GROUPS:
+                todo = [m for m in group if m in methods]
+                if todo:
+                    rows += train_group(todo, gc_settings, args, qablora_params, setting)
     for base in ("bf16", "int4", "nf4"):
         if {"inference", "estimation"} <= skip or (base != "nf4" and "inference" in skip):
             continue
