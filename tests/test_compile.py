@@ -73,9 +73,9 @@ def eager_and_compiled(method, dtype, checkpointing, device="cpu"):
     return eager, compiled
 
 
-@pytest.mark.parametrize("method", ["blora", "qablora"])
+@pytest.mark.parametrize("method", ["blora", "qblora", "qablora"])
 def test_decoder_layer_with_balanced_adapters_compiles_to_one_graph(method, input_ids):
-    model = adapted(method)
+    model = adapted(method, torch.bfloat16 if method == "qblora" else torch.float32)
     args, kwargs = layer_inputs(model, input_ids)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(decoder_layers(model)[0])(*args, **kwargs)
