@@ -139,8 +139,9 @@ def add_balanced_adapter(
     activations only (``pool(x)`` and the intermediate products) and sums gradients over groups in the weights'
     dtype. One node instead of a dozen keeps the per-layer host overhead low.
 
-    Eager calls run an ``autograd.Function`` (the least host overhead); under ``torch.compile`` the same math runs
-    as the custom op ``peft_balanced::balanced_add`` (:mod:`peft_balanced._custom_ops`), so no graph breaks.
+    Eager calls run an ``autograd.Function`` (half the host time of the custom op on CPU: 0.23 vs 0.47 ms per
+    forward + backward of a small layer); under ``torch.compile`` the same math runs as the custom op
+    ``peft_balanced::balanced_add`` (registered below), so the compiled graph does not break here.
     """
     if CUSTOM_OPS and torch.compiler.is_compiling():
         out, _ = torch.ops.peft_balanced.balanced_add(
