@@ -102,6 +102,11 @@ def test_compile_for_training_rejects_an_unknown_mode():
         compile_for_training(adapted("blora"), mode="fast")
 
 
+def test_compile_for_training_rejects_a_dynamic_that_is_not_a_bool_or_none():
+    with pytest.raises(ValueError, match="dynamic must be None, True or False, got 'yes'"):
+        compile_for_training(adapted("blora"), dynamic="yes")
+
+
 def test_compile_for_training_rejects_a_model_without_repeated_layers():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     with pytest.raises(ValueError, match="found no repeated decoder layers in Sequential"):
