@@ -191,8 +191,11 @@ def main() -> int:
     variants = make_variants(model, names, device)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)
-    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, layers "
-          f"{config.num_hidden_layers}, hidden {config.hidden_size}, graph {graph}", flush=True)
+    print(
+        f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, layers "
+        f"{config.num_hidden_layers}, hidden {config.hidden_size}, graph {graph}",
+        flush=True,
+    )
     rows = []
     for name, (variant, context) in variants.items():
         with context():
@@ -211,8 +214,10 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r["tok_s"] for r in rows if r["model"] == "bf16"), None)
-    print(f"\nbatch-1 greedy decode, prompt {args.prompt}, {args.new_tokens} new tokens, static cache, "
-          f"{'CUDA graph' if graph else 'eager'}, median of {args.repeats}")
+    print(
+        f"\nbatch-1 greedy decode, prompt {args.prompt}, {args.new_tokens} new tokens, static cache, "
+        f"{'CUDA graph' if graph else 'eager'}, median of {args.repeats}"
+    )
     print(f"{'model':<12} {'weights GiB':>11} {'ms/token':>9} {'tok/s':>9} {'vs bf16':>8}")
     for r in rows:
         r["speedup_vs_bf16"] = r["tok_s"] / base if base else None
