@@ -11,8 +11,9 @@ While nothing is set, the old environment flags are read here, and only here, as
 ``PEFT_BALANCED_DISABLE_TRITON=1`` means ``"torch"`` and ``PEFT_BALANCED_DISABLE_FAST_NF4=1`` means
 ``"bitsandbytes"``.
 
-A second setting picks the tile-INT4 small-batch kernel (``set_int4_gemv_kernel("split_k")``); it stays
-``"fused"`` until a GPU measurement shows the split-K kernel faster.
+Two more settings choose opt-in tile-INT4 kernels that are not yet measured on a GPU: the small-batch kernel
+(``set_int4_gemv_kernel("split_k")``, default ``"fused"``) and up to how many tokens the fused dequantize-GEMM runs
+instead of dequantize + cuBLAS (``set_int4_gemm_max_tokens(64)``, default 0: never).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from enum import Enum
 __all__ = [
     "Int4GemvKernel",
     "KernelPreference",
+    "get_int4_gemm_max_tokens",
     "get_int4_gemv_kernel",
     "get_kernel_preference",
     "int4_gemv_kernel",
     "kernel_preference",
+    "set_int4_gemm_max_tokens",
     "set_int4_gemv_kernel",
     "set_kernel_preference",
 ]
@@ -146,3 +149,20 @@ def int4_gemv_kernel(kernel: Int4GemvKernel | str) -> Iterator[Int4GemvKernel]:
         yield _int4_gemv
     finally:
         _int4_gemv = previous
+
+
+_int4_gemm_max_tokens = 0
+
+
+def get_int4_gemm_max_tokens() -> int:
+    """Up to this many tokens (above the GEMV's range) ``TileInt4Linear`` runs the fused dequantize-GEMM
+    (``quant/kernels/small_gemm.py``); 0 (the default) never."""
+    return _int4_gemm_max_tokens
+
+
+def set_int4_gemm_max_tokens(tokens: int) -> None:
+    """Route up to ``tokens`` tokens to the fused dequantize-GEMM (0 switches it off)."""
+    global _int4_gemm_max_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"int4 gemm max tokens must be an int >= 0 (0: off), got {tokens!r}")
+    _int4_gemm_max_tokens = tokens

@@ -153,3 +153,25 @@ def test_cuda_splitk_matches_the_dequantized_matmul(d_out, d_in, tile, tokens, d
     err32, err = _check(d_out, d_in, tile, tokens, dtype, "cuda", seed=d_out + tokens)
     assert err32 < 1e-5
     assert err < 1e-2
+
+
+def test_cuda_forward_routes_few_tokens_to_split_k_when_chosen(monkeypatch):
+    if not (torch.cuda.is_available() and support.triton_available()):
+        pytest.skip("needs CUDA and Triton")
+    from torch import nn
+
+    from peft_balanced.quant import TileInt4Linear
+
+    layer = TileInt4Linear.from_linear(nn.Linear(512, 256, device="cuda", dtype=torch.bfloat16), (4, 8))
+    calls = []
+    real = splitk.tile_int4_splitk_gemv
+    monkeypatch.setattr(gemv, "tile_int4_splitk_gemv", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    weight = layer.dequantize(torch.float32)
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with settings.int4_gemv_kernel("split_k"):
+        y = layer(x)
+        y.float().sum().backward()
+    layer(x.detach())  # the default again: the fused kernel
+    assert calls == [3]
+    assert _rel(y, x.detach().double() @ weight.double().T + layer.bias.double()) < 1e-2
+    assert _rel(x.grad, (torch.ones(3, 256, device="cuda") @ weight).double()) < 2e-2
