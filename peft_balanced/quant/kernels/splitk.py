@@ -176,8 +176,8 @@ def tile_int4_splitk_gemv(
     """``x (M, D_in) -> x W~^T + bias`` as ``(M, D_out)`` in ``out_dtype`` (default ``x.dtype``), split along K.
 
     Needs ``M <= SPLITK_MAX_TOKENS`` and ``splitk_supported(tile, x.dtype, D_in)``; CUDA tensors (or CPU tensors under
-    ``TRITON_INTERPRET=1``). ``config`` (``rows``, ``block_w``, ``num_warps``) overrides the bucket's block shape,
-    ``split_k`` the :func:`choose_split_k` heuristic; ``reduce`` is ``"atomic"`` or ``"sum"`` (see the module doc).
+    ``TRITON_INTERPRET=1``). ``config`` (``rows``, ``block_w``, ``num_warps``, optionally ``split_k``) overrides the
+    bucket's block shape, ``split_k`` the :func:`choose_split_k` heuristic; ``reduce`` is ``"atomic"`` or ``"sum"`` (see the module doc).
     """
     m, d_in = x.shape
     d_out = packed.shape[0]
@@ -199,6 +199,7 @@ def tile_int4_splitk_gemv(
     cfg = {**splitk_config(m), **(config or {})}
     rows = max(cfg["rows"], 1)
     block_w = min(cfg["block_w"], 1 << max(n_words - 1, 0).bit_length())
+    split_k = split_k or cfg.get("split_k")  # a tuned bucket may fix it
     if split_k is None:
         split_k = 1 if _interpreting() and not x.is_cuda else choose_split_k(d_out, n_words, rows, block_w)
     per_split = _cdiv(_cdiv(n_words, max(split_k, 1)), block_w) * block_w  # whole steps per slice
