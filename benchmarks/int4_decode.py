@@ -31,10 +31,8 @@ from contextlib import nullcontext
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from peft_balanced import quantize_model  # noqa: E402
-from peft_balanced.settings import int4_gemv_kernel  # noqa: E402
+from peft_balanced import quantize_model
+from peft_balanced.settings import int4_gemv_kernel
 
 LLAMA2_7B = dict(
     hidden_size=4096,

@@ -24,13 +24,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import peft_balanced.quant.kernels.gemv as gemv  # noqa: E402
-import peft_balanced.quant.kernels.small_gemm as small_gemm  # noqa: E402
-import peft_balanced.quant.kernels.splitk as splitk  # noqa: E402
-from peft_balanced.quant import TileInt4Linear, dequantize_tiles, quantize_tiles  # noqa: E402
-from peft_balanced.quant.kernels import triton_available  # noqa: E402
+import peft_balanced.quant.kernels.gemv as gemv
+import peft_balanced.quant.kernels.small_gemm as small_gemm
+import peft_balanced.quant.kernels.splitk as splitk
+from peft_balanced.quant import TileInt4Linear, dequantize_tiles, quantize_tiles
+from peft_balanced.quant.kernels import triton_available
 
 LINES: list[str] = []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def test_tiny_cpu_smoke_run_prints_the_table_with_every_model():
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     table = done.stdout.split("vs bf16")[-1]
