@@ -125,16 +125,21 @@ INTERPRETER_SHAPES = [(512, 256), (256, 512), (104, 264)]  # (D_out, D_in): both
 @pytest.mark.parametrize("tokens", [1, 3, 8, 16])
 def test_interpreted_splitk_matches_the_dequantized_matmul(interpreted, d_out, d_in, tile, tokens):
     dtype = torch.bfloat16 if tokens % 2 else torch.float16
-    err32, err = _check(d_out, d_in, tile, tokens, dtype, "cpu", seed=tokens, split_k=3)
+    # 8-word steps: every shape has several steps, so split_k=3 gives 2 or 3 real slices (some ragged)
+    err32, err = _check(d_out, d_in, tile, tokens, dtype, "cpu", seed=tokens, split_k=3, config={"block_w": 8})
     assert err32 < 1e-5  # fp32 accumulation of exact products
     assert err < 1e-2  # one rounding to bf16 / fp16
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reduce", ["atomic", "sum"])
-@pytest.mark.parametrize("split_k", [1, 2, 5])
+@pytest.mark.parametrize("split_k", [1, 2, 5])  # 33 words, 8 per step
 def test_interpreted_splitk_gives_the_same_result_for_every_split_and_reduction(interpreted, split_k, reduce):
-    err32, _ = _check(104, 264, (4, 8), 3, torch.bfloat16, "cpu", seed=7, split_k=split_k, reduce=reduce)
+    # 33 words in 8-word steps: split_k 2 -> slices of 24 + 9 words, 5 -> 8 + 8 + 8 + 8 + 1
+    config = {"block_w": 8}
+    err32, _ = _check(
+        104, 264, (4, 8), 3, torch.bfloat16, "cpu", seed=7, split_k=split_k, reduce=reduce, config=config
+    )
     assert err32 < 1e-5
 
 
