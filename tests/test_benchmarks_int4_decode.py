@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -67,4 +68,6 @@ def test_tiny_cpu_smoke_run_prints_the_table_with_every_model():
     assert done.returncode == 0, done.stderr[-2000:]
     table = done.stdout.split("vs bf16")[-1]
     assert all(name in table for name in ("bf16", "int4", "nf4"))
-    assert '"static_equals_generate": true' in done.stdout and "false" not in done.stdout
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [row["model"] for row in rows] == ["bf16", "int4", "nf4"]
+    assert all(row["static_equals_generate"] is True and row["tok_s"] > 0 for row in rows)
