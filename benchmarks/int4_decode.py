@@ -13,7 +13,7 @@ Each model generates with a transformers ``StaticCache``: the prompt is one eage
 runs the model forward at a fixed address (``--graph cuda``: captured once in a ``torch.cuda.CUDAGraph`` and replayed;
 ``--graph none``: eager; a model whose capture fails is timed eager, with the error in its row). Tokens/s counts the
 decode steps only (prefill and capture excluded), median of ``--repeats`` runs after a warm-up run. Also printed: whether the graph run's tokens equal the eager static run's,
-and whether the eager static loop gives ``model.generate(do_sample=False)``'s tokens (first 32).
+and how many of the eager static loop's first 32 tokens agree with ``model.generate(do_sample=False)``'s.
 Writes ``int4_decode.json`` under ``$OUT`` when set; the table is printed last.
 """
 
@@ -128,8 +128,10 @@ def static_greedy(
     return torch.cat([prompt, torch.stack(out, dim=1)], dim=1), seconds
 
 
-def static_equals_generate(model: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int) -> bool:
-    """Whether the eager static-cache loop gives ``model.generate(do_sample=False)``'s tokens."""
+def tokens_agreeing_with_generate(model: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int) -> int:
+    """How many leading new tokens of the eager static-cache loop equal ``model.generate(do_sample=False)``'s
+    (``new_tokens`` when all do). Random weights give near-tied logits, and ``generate``'s dynamic cache runs attention
+    over fewer keys than the static one, so a late divergence on a GPU can be a rounding tie, not a bug."""
     ids, _ = static_greedy(model, prompt, new_tokens)
     with torch.inference_mode():
         expected = model.generate(
@@ -140,7 +142,8 @@ def static_equals_generate(model: LlamaForCausalLM, prompt: torch.Tensor, new_to
             do_sample=False,
             pad_token_id=0,
         )
-    return torch.equal(ids, expected)
+    differs = (ids != expected)[0, prompt.shape[1] :].nonzero()
+    return int(differs[0, 0]) if len(differs) else new_tokens
 
 
 def make_variants(model: LlamaForCausalLM, names: list[str], device: str) -> dict:
@@ -196,7 +199,7 @@ def main() -> int:
     )
     rows = []
     for name, (variant, context) in variants.items():
-        captured, error = graph, None
+        captured, error, check = graph, None, min(args.new_tokens, 32)
         with context():
             eager_ids, _ = static_greedy(variant, prompt, args.new_tokens)  # also compiles the kernels
             try:
@@ -214,7 +217,7 @@ def main() -> int:
             "tok_s": (args.new_tokens - 1) / seconds,
             "ms_per_token": seconds * 1e3 / (args.new_tokens - 1),
             "graph_equals_eager": all(torch.equal(ids, eager_ids) for ids, _ in runs) if captured else None,
-            "static_equals_generate": static_equals_generate(variant, prompt, min(args.new_tokens, 32)),
+            "generate_agreement": f"{tokens_agreeing_with_generate(variant, prompt, check)}/{check}",
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
