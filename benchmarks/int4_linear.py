@@ -1,11 +1,14 @@
 """TileInt4Linear vs bf16 nn.Linear on one CUDA GPU: correctness of the fused small-M kernel, then timings.
 
     PYTHONUNBUFFERED=1 python benchmarks/int4_linear.py [--in 4096] [--out 11008] [--tokens 1 16 2048]
+        [--tune] [--tune-splitk] [--tune-gemm]
 
 1. Checks the fused kernel (``peft_balanced.quant.kernels.gemv``) against a float64 product with the dequantized weight on
    several shapes, tiles and dtypes (max |y - ref| / max |ref|), the forward routing, and the input gradient.
 2. Times ``nn.Linear`` (bf16 weight) and ``TileInt4Linear`` (tile 4x8, fp16 scale/zero, quantized from it) forward
-   at each token count with ``triton.testing.do_bench`` (CUDA events, median, L2 flushed before every call).
+   at each token count (CUDA events, median, L2 flushed before every call), and the opt-in kernels called directly:
+   the split-K GEMV (``kernels.splitk``, up to 16 tokens) and the fused dequantize-GEMM (``kernels.small_gemm``).
+   ``--tune-splitk`` / ``--tune-gemm`` sweep their block shapes first and use the fastest.
 
 Writes ``int4_linear.log`` and ``int4_linear.json`` under ``$OUT`` when set; the table is printed last.
 """
@@ -21,11 +24,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import peft_balanced.quant.kernels.gemv as gemv  # noqa: E402
-from peft_balanced.quant import TileInt4Linear, dequantize_tiles, quantize_tiles  # noqa: E402
-from peft_balanced.quant.kernels import triton_available  # noqa: E402
+import peft_balanced.quant.kernels.gemv as gemv
+import peft_balanced.quant.kernels.small_gemm as small_gemm
+import peft_balanced.quant.kernels.splitk as splitk
+from peft_balanced.quant import TileInt4Linear, dequantize_tiles, quantize_tiles
+from peft_balanced.quant.kernels import triton_available
 
 LINES: list[str] = []
 
@@ -70,6 +73,17 @@ def check_kernel(tol: float = 1e-2) -> bool:
             f"check {d_out}x{d_in} tile={tile} M={m} {str(dtype)[6:]:8s} bias={int(has_bias)}: "
             f"fused max rel err {err:.2e} (dequant+F.linear {base:.2e}) {'ok' if good else 'FAIL'}"
         )
+        for label, fn, usable in (
+            ("split-K", splitk.tile_int4_splitk_gemv, splitk.splitk_supported(tile, dtype, d_in) and m <= 16),
+            ("small GEMM", small_gemm.tile_int4_small_gemm, small_gemm.small_gemm_supported(tile, dtype, d_in)),
+        ):
+            if not usable:
+                continue
+            y = fn(x, packed, scale, zero, tile, bias)
+            err = rel_max_error(y, ref)
+            good = bool(torch.isfinite(y).all()) and err < tol and y.dtype == dtype
+            ok &= good
+            say(f"check {d_out}x{d_in} tile={tile} M={m}: {label} max rel err {err:.2e} {'ok' if good else 'FAIL'}")
     # routing through TileInt4Linear.forward, 3-D input, and the input gradient
     lin = torch.nn.Linear(4096, 11008, device="cuda", dtype=torch.bfloat16)
     layer = TileInt4Linear.from_linear(lin, (4, 8), torch.float16)
@@ -187,12 +201,81 @@ def tune(timer: Timer, d_in: int, d_out: int) -> None:
     say(f"tuned: GEMV_MAX_TOKENS = {gemv.GEMV_MAX_TOKENS}; _CONFIGS = {json.dumps(gemv._CONFIGS)}")
 
 
+def tune_new_kernels(timer: Timer, d_in: int, d_out: int, which: str) -> None:
+    """Sweep the split-K GEMV's (``which="splitk"``) or the small GEMM's (``"gemm"``) block shapes and keep the
+    fastest correct one (``splitk._CONFIGS`` per bucket, ``small_gemm.SMALL_GEMM_CONFIG``)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(d_in, d_out, bias=False, device="cuda", dtype=torch.bfloat16)
+    layer = TileInt4Linear.from_linear(lin, (4, 8), torch.float16)
+    args = (layer.qweight, layer.scale, layer.zero, layer.tile)
+    if which == "splitk":
+        shapes = {
+            m: [
+                ({"rows": r, "block_w": w, "num_warps": nw}, sk)
+                for r in (16, 32, 64)
+                for w in (32, 64, 128)
+                for nw in (4, 8)
+                for sk in (1, 2, 4, 8)  # a run-time argument: no extra compile
+                if r * w * m <= 16384
+            ]
+            for m in (1, 2, 4, 8, 16)
+        }
+    else:
+        shapes = {
+            m: [
+                (
+                    {
+                        "block_n": n,
+                        "block_k": k,
+                        "block_m": min(64, max(16, m)),
+                        "split_k": sk,
+                        "num_warps": nw,
+                        "num_stages": st,
+                    },
+                    None,
+                )
+                for n in (64, 128)
+                for k in (64, 128)
+                for sk in (1, 2, 4)
+                for nw in (4, 8)
+                for st in (3, 4)
+            ]
+            for m in (16, 32, 64)
+        }
+    for m, grid in shapes.items():
+        x = torch.randn(m, d_in, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ layer.dequantize(torch.float64).T
+        best = None
+        for cfg, sk in grid:
+            if which == "splitk":
+                fn = lambda x=x, cfg=cfg, sk=sk: splitk.tile_int4_splitk_gemv(x, *args, config=cfg, split_k=sk)  # noqa: E731
+            else:
+                fn = lambda x=x, cfg=cfg: small_gemm.tile_int4_small_gemm(x, *args, config=cfg)  # noqa: E731
+            try:
+                err = rel_max_error(fn(), ref)
+                t = timer(fn, iters=30)
+            except Exception as exc:  # a shape that does not compile or fit: report and skip
+                say(f"tune {which} M={m} {cfg} split_k={sk}: failed {type(exc).__name__}: {str(exc)[:100]}")
+                continue
+            if err < 1e-2 and (best is None or t < best[0]):
+                best = (t, cfg, sk)
+        if best is None:
+            continue
+        say(f"tune {which} M={m}: best {best[1]} split_k={best[2]}: {best[0] * 1e3:.2f} us")
+        if which == "splitk":
+            splitk._CONFIGS[m] = {**best[1], "split_k": best[2]}  # tuned for this layer shape only
+        elif m == 64:
+            small_gemm.SMALL_GEMM_CONFIG.update(best[1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--in", dest="d_in", type=int, default=4096)
     parser.add_argument("--out", dest="d_out", type=int, default=11008)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 2048])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 8, 16, 64, 2048])
     parser.add_argument("--tune", action="store_true", help="sweep the fused kernel's block shapes first and use them")
+    parser.add_argument("--tune-splitk", action="store_true", help="sweep the split-K GEMV's block shapes first")
+    parser.add_argument("--tune-gemm", action="store_true", help="sweep the small GEMM's block shapes first")
     args = parser.parse_args()
     if not (torch.cuda.is_available() and triton_available()):
         print("needs a CUDA GPU and Triton (and a kernel preference other than 'torch')")
@@ -205,6 +288,11 @@ def main() -> int:
         start = time.time()
         tune(timer, args.d_in, args.d_out)
         say(f"tuning took {time.time() - start:.0f} s")
+    for which, wanted in (("splitk", args.tune_splitk), ("gemm", args.tune_gemm)):
+        if wanted:
+            start = time.time()
+            tune_new_kernels(timer, args.d_in, args.d_out, which)
+            say(f"tuning {which} took {time.time() - start:.0f} s")
     start = time.time()
     ok = check_kernel()
     say(f"kernel check {'passed' if ok else 'FAILED'} ({time.time() - start:.1f} s)")
@@ -220,6 +308,12 @@ def main() -> int:
             row = {"M": m, "bf16_ms": timer(lambda x=x: lin(x)), "int4_ms": timer(lambda x=x: layer(x))}
             row["speedup"] = row["bf16_ms"] / row["int4_ms"]
             row["fused"] = gemv.use_gemv(m, layer.tile, x.dtype, "cuda", True)
+            qargs = (x, layer.qweight, layer.scale, layer.zero, layer.tile)
+            if m <= splitk.SPLITK_MAX_TOKENS:
+                row["splitk_ms"] = timer(lambda qargs=qargs: splitk.tile_int4_splitk_gemv(*qargs))
+                row["splitk_speedup"] = row["bf16_ms"] / row["splitk_ms"]
+            row["gemm_ms"] = timer(lambda qargs=qargs: small_gemm.tile_int4_small_gemm(*qargs))
+            row["gemm_speedup"] = row["bf16_ms"] / row["gemm_ms"]
             row["do_bench_bf16_ms"] = do_bench_ms(lambda x=x: lin(x))
             row["do_bench_int4_ms"] = do_bench_ms(lambda x=x: layer(x))
             row["host_bf16_ms"], row["host_int4_ms"] = host_ms(lambda x=x: lin(x)), host_ms(lambda x=x: layer(x))
@@ -230,10 +324,19 @@ def main() -> int:
     say()
     say(f"{args.d_in} -> {args.d_out}, bf16 activations; int4 = TileInt4Linear tile (4, 8), fp16 scale/zero;")
     say("median of 200 calls, CUDA events, L2 flushed (read) before each call")
-    say(f"{'M':>6} {'bf16 ms':>10} {'int4 ms':>10} {'speedup':>8}  int4 path")
+    say("split-K / small GEMM: the opt-in kernels called directly (settings.set_int4_gemv_kernel('split_k'),")
+    say("settings.set_int4_gemm_max_tokens(n)); the int4 column is TileInt4Linear's default routing")
+    say(
+        f"{'M':>6} {'bf16 ms':>10} {'int4 ms':>10} {'split-K ms':>11} {'GEMM ms':>10}  {'int4 path':<20} speedup vs bf16"
+    )
     for r in rows:
         path = "fused kernel" if r["fused"] else "dequantize + cuBLAS"
-        say(f"{r['M']:>6} {r['bf16_ms']:>10.4f} {r['int4_ms']:>10.4f} {r['speedup']:>7.2f}x  {path}")
+        split = f"{r['splitk_ms']:>11.4f}" if "splitk_ms" in r else f"{'-':>11}"
+        best = max(r["speedup"], r.get("splitk_speedup", 0.0), r["gemm_speedup"])
+        say(
+            f"{r['M']:>6} {r['bf16_ms']:>10.4f} {r['int4_ms']:>10.4f} {split} {r['gemm_ms']:>10.4f}  {path:<20} "
+            f"default {r['speedup']:.2f}x, best {best:.2f}x"
+        )
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "int4_linear.log"), "w") as handle:
@@ -241,6 +344,7 @@ def main() -> int:
         with open(os.path.join(out, "int4_linear.json"), "w") as handle:
             result = {"device": torch.cuda.get_device_name(), "check_ok": ok, "rows": rows}
             result["gemv_max_tokens"], result["gemv_configs"] = gemv.GEMV_MAX_TOKENS, gemv._CONFIGS
+            result["splitk_configs"], result["small_gemm_config"] = splitk._CONFIGS, small_gemm.SMALL_GEMM_CONFIG
             json.dump(result, handle, indent=1)
     return 0 if ok else 1
 

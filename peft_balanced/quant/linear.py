@@ -10,6 +10,7 @@ from torch import nn
 
 from .kernels.gemv import fused_linear, use_gemv
 from .kernels.int4 import triton_dequantize_tiles
+from .kernels.small_gemm import small_gemm_linear, use_small_gemm
 from .kernels.support import triton_available
 from .spec import TileInt4Spec, resolve_spec
 from .tile_int4 import check_tile_shape, dequantize_tiles, dtype_name, quantize_tiles
@@ -157,8 +158,11 @@ class TileInt4Linear(nn.Module):
         bias = self.bias.to(dtype) if self.bias is not None else None
         tokens = x.numel() // self.in_features if self.in_features else 0
         param_grad = self.scale.requires_grad or self.zero.requires_grad or (bias is not None and bias.requires_grad)
-        if use_gemv(tokens, self.tile, dtype, x.device.type, x.is_cuda and triton_available(), param_grad):
+        triton_ok = x.is_cuda and triton_available()
+        if use_gemv(tokens, self.tile, dtype, x.device.type, triton_ok, param_grad):
             return fused_linear(x.to(dtype), self.qweight, self.scale, self.zero, self.tile, bias)  # few tokens
+        if use_small_gemm(tokens, self.tile, dtype, self.in_features, x.device.type, triton_ok, param_grad):  # opt-in
+            return small_gemm_linear(x.to(dtype), self.qweight, self.scale, self.zero, self.tile, bias)
         weight = self.dequantize(dtype)
         return F.linear(x, weight, bias)
 

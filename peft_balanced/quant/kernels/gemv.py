@@ -26,14 +26,17 @@ import functools
 
 import torch
 
+from ...settings import Int4GemvKernel, get_int4_gemv_kernel
 from ..tile_int4 import unpack_int4
 from .int4 import triton_dequantize_tiles
+from .splitk import SPLITK_MAX_TOKENS, splitk_supported, tile_int4_splitk_gemv
 
 __all__ = [
     "GEMV_MAX_TOKENS",
     "fused_linear",
     "gemv_reference",
     "gemv_supported",
+    "small_batch_gemv",
     "tile_int4_gemv",
     "use_gemv",
     "word_nibbles",
@@ -422,6 +425,22 @@ def tile_int4_gemv(
     return y
 
 
+def small_batch_gemv(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    tile: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:  # pragma: no cover - needs CUDA
+    """``x (M, D_in) -> (M, D_out)`` with the kernel ``settings.get_int4_gemv_kernel()`` picks: the split-K kernel
+    (``splitk.py``) when chosen and it supports the layer, else :func:`tile_int4_gemv`."""
+    split = get_int4_gemv_kernel() is Int4GemvKernel.SPLIT_K
+    if split and x.shape[0] <= SPLITK_MAX_TOKENS and splitk_supported(tile, x.dtype, x.shape[1]):
+        return tile_int4_splitk_gemv(x, packed, scale, zero, tile, bias)
+    return tile_int4_gemv(x, packed, scale, zero, tile, bias)
+
+
 class _FusedLinear(torch.autograd.Function):
     """``tile_int4_gemv`` with a backward for the input only: ``dx = dy W~`` (``W~`` dequantized for the step)."""
 
@@ -429,7 +448,7 @@ class _FusedLinear(torch.autograd.Function):
     def forward(ctx, x, packed, scale, zero, bias, tile):  # pragma: no cover - needs CUDA
         ctx.save_for_backward(packed, scale, zero)
         ctx.tile = tile
-        return tile_int4_gemv(x, packed, scale, zero, tile, bias)
+        return small_batch_gemv(x, packed, scale, zero, tile, bias)
 
     @staticmethod
     def backward(ctx, grad):  # pragma: no cover - needs CUDA
@@ -451,5 +470,5 @@ def fused_linear(
     if torch.is_grad_enabled() and x.requires_grad:
         y = _FusedLinear.apply(x2d, packed, scale, zero, bias, tile)
     else:
-        y = tile_int4_gemv(x2d, packed, scale, zero, tile, bias)
+        y = small_batch_gemv(x2d, packed, scale, zero, tile, bias)
     return y.reshape(*x.shape[:-1], packed.shape[0])

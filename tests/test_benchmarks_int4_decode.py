@@ -1,0 +1,73 @@
+"""The decode loop of benchmarks/int4_decode.py (static cache, one fixed-address step per token) on tiny Llamas."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny import tiny_llama
+
+from peft_balanced import quantize_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import int4_decode  # noqa: E402
+
+
+def _generate(model, prompt, new_tokens):
+    with torch.inference_mode():
+        return model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_static_cache_decode_gives_the_tokens_of_greedy_generate(quantized):
+    model = tiny_llama(initializer_range=0.2)  # large weights: decisive logits, no near-ties
+    if quantized:
+        quantize_model(model, (4, 8))
+    prompt = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
+    ids, seconds = int4_decode.static_greedy(model, prompt, new_tokens=12)
+    expected = _generate(model, prompt, 12)
+    assert ids.shape == (1, 19) and seconds > 0
+    assert torch.equal(ids, expected)
+
+
+def test_static_cache_decode_rejects_a_batch_of_prompts():
+    with pytest.raises(ValueError, match=r"batch 1, got a prompt of shape \(2, 5\)"):
+        int4_decode.static_greedy(tiny_llama(), torch.zeros(2, 5, dtype=torch.long), new_tokens=3)
+
+
+def test_build_model_makes_random_weights_in_the_dtype_on_the_device():
+    config = int4_decode.LlamaConfig(**int4_decode.TINY)
+    model = int4_decode.build_model(config, "cpu", torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # restored
+
+
+@pytest.mark.slow
+def test_tiny_cpu_smoke_run_prints_the_table_with_every_model():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "int4_decode.py"), "--tiny", "--new-tokens", "8", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = done.stdout.split("vs bf16")[-1]
+    assert all(name in table for name in ("bf16", "int4", "nf4"))
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [row["model"] for row in rows] == ["bf16", "int4", "nf4"]
+    assert all(row["generate_agreement"] == "8/8" and row["tok_s"] > 0 for row in rows)
