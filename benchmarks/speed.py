@@ -30,18 +30,14 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
+from peft import LoraConfig, get_peft_model
+from speed_report import markdown_table  # benchmarks/speed_report.py, beside this script
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from speed_report import markdown_table  # noqa: E402  (benchmarks/speed_report.py, beside this script)
-
-import peft_balanced  # noqa: E402
-from peft_balanced.models import LLAMA_PROJECTIONS, quantize_linear_nf4  # noqa: E402
+import peft_balanced
+from peft_balanced.models import LLAMA_PROJECTIONS, quantize_linear_nf4
 
 COMPILE_SETTINGS = ("off", "default", "reduce-overhead")
 METHODS = ("lora", "qlora", "blora", "qblora", "qblora_bnb", "qablora", "qlora_match", "gradapprox")
