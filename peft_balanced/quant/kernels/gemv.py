@@ -28,7 +28,7 @@ import torch
 
 from ...settings import Int4GemvKernel, get_int4_gemv_kernel
 from ..tile_int4 import unpack_int4
-from .int4 import triton_dequantize_tiles
+from .int4 import linear_with_kernel
 from .splitk import SPLITK_MAX_TOKENS, splitk_supported, tile_int4_splitk_gemv
 
 __all__ = [
@@ -441,22 +441,6 @@ def small_batch_gemv(
     return tile_int4_gemv(x, packed, scale, zero, tile, bias)
 
 
-class _FusedLinear(torch.autograd.Function):
-    """``tile_int4_gemv`` with a backward for the input only: ``dx = dy W~`` (``W~`` dequantized for the step)."""
-
-    @staticmethod
-    def forward(ctx, x, packed, scale, zero, bias, tile):  # pragma: no cover - needs CUDA
-        ctx.save_for_backward(packed, scale, zero)
-        ctx.tile = tile
-        return small_batch_gemv(x, packed, scale, zero, tile, bias)
-
-    @staticmethod
-    def backward(ctx, grad):  # pragma: no cover - needs CUDA
-        packed, scale, zero = ctx.saved_tensors
-        weight = triton_dequantize_tiles(packed, scale, zero, ctx.tile, grad.dtype)
-        return grad @ weight, None, None, None, None, None
-
-
 def fused_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -465,10 +449,5 @@ def fused_linear(
     tile: tuple[int, int],
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # pragma: no cover - needs CUDA
-    """``F.linear(x, W~, bias)`` for ``x (..., D_in)`` via the fused kernel; differentiable w.r.t. ``x``."""
-    x2d = x.reshape(-1, x.shape[-1])
-    if torch.is_grad_enabled() and x.requires_grad:
-        y = _FusedLinear.apply(x2d, packed, scale, zero, bias, tile)
-    else:
-        y = small_batch_gemv(x2d, packed, scale, zero, tile, bias)
-    return y.reshape(*x.shape[:-1], packed.shape[0])
+    """``F.linear(x, W~, bias)`` for ``x (..., D_in)`` via the small-batch GEMV; differentiable w.r.t. ``x``."""
+    return linear_with_kernel(small_batch_gemv, x, packed, scale, zero, tile, bias)

@@ -161,3 +161,39 @@ def triton_dequantize_tiles(
         enable_fp_fusion=False,
     )
     return out
+
+
+class _InputGradLinear(torch.autograd.Function):
+    """A fused INT4 ``kernel`` forward with a backward for the input only: ``dx = dy W~`` (``W~`` dequantized for
+    the step). The base weights are frozen, so nothing else needs a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, packed, scale, zero, bias, tile, kernel):  # pragma: no cover - needs CUDA
+        ctx.save_for_backward(packed, scale, zero)
+        ctx.tile = tile
+        return kernel(x, packed, scale, zero, tile, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - needs CUDA
+        packed, scale, zero = ctx.saved_tensors
+        weight = triton_dequantize_tiles(packed, scale, zero, ctx.tile, grad.dtype)
+        return grad @ weight, None, None, None, None, None, None
+
+
+def linear_with_kernel(
+    kernel,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    tile: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:  # pragma: no cover - needs CUDA
+    """``F.linear(x, W~, bias)`` for ``x (..., D_in)`` through ``kernel(x2d, packed, scale, zero, tile, bias)``
+    (a 2-D fused forward); differentiable w.r.t. ``x``."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and x.requires_grad:
+        y = _InputGradLinear.apply(x2d, packed, scale, zero, bias, tile, kernel)
+    else:
+        y = kernel(x2d, packed, scale, zero, tile, bias)
+    return y.reshape(*x.shape[:-1], packed.shape[0])

@@ -21,7 +21,7 @@ import os
 import torch
 
 from ...settings import get_int4_gemm_max_tokens
-from .int4 import triton_dequantize_tiles
+from .int4 import linear_with_kernel
 
 __all__ = ["SMALL_GEMM_CONFIG", "small_gemm_linear", "small_gemm_supported", "tile_int4_small_gemm", "use_small_gemm"]
 
@@ -206,22 +206,6 @@ def tile_int4_small_gemm(
     return y.to(out)
 
 
-class _SmallGemmLinear(torch.autograd.Function):
-    """``tile_int4_small_gemm`` with a backward for the input only: ``dx = dy W~`` (``W~`` dequantized for it)."""
-
-    @staticmethod
-    def forward(ctx, x, packed, scale, zero, bias, tile):  # pragma: no cover - needs CUDA
-        ctx.save_for_backward(packed, scale, zero)
-        ctx.tile = tile
-        return tile_int4_small_gemm(x, packed, scale, zero, tile, bias)
-
-    @staticmethod
-    def backward(ctx, grad):  # pragma: no cover - needs CUDA
-        packed, scale, zero = ctx.saved_tensors
-        weight = triton_dequantize_tiles(packed, scale, zero, ctx.tile, grad.dtype)
-        return grad @ weight, None, None, None, None, None
-
-
 def small_gemm_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -231,9 +215,4 @@ def small_gemm_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # pragma: no cover - needs CUDA
     """``F.linear(x, W~, bias)`` for ``x (..., D_in)`` via :func:`tile_int4_small_gemm`; differentiable w.r.t. ``x``."""
-    x2d = x.reshape(-1, x.shape[-1])
-    if torch.is_grad_enabled() and x.requires_grad:
-        y = _SmallGemmLinear.apply(x2d, packed, scale, zero, bias, tile)
-    else:
-        y = tile_int4_small_gemm(x2d, packed, scale, zero, tile, bias)
-    return y.reshape(*x.shape[:-1], packed.shape[0])
+    return linear_with_kernel(tile_int4_small_gemm, x, packed, scale, zero, tile, bias)
