@@ -16,12 +16,12 @@ differs from the GPU's tensor cores).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from ...settings import get_int4_gemm_max_tokens
 from .int4 import linear_with_kernel
+from .support import triton_interpreting
 
 __all__ = ["SMALL_GEMM_CONFIG", "small_gemm_linear", "small_gemm_supported", "tile_int4_small_gemm", "use_small_gemm"]
 
@@ -155,7 +155,7 @@ def tile_int4_small_gemm(
             f"tile_int4_small_gemm: tile={tile}, dtype={x.dtype}, D_in={d_in} not supported (l1 a power of two up "
             "to 64, D_in even, fp16 / bf16 activations)"
         )
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    interpreting = triton_interpreting()
     if not (x.is_cuda or interpreting):
         raise RuntimeError("tile_int4_small_gemm needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     l1, l2 = tile

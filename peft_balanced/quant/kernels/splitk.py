@@ -21,9 +21,10 @@ The kernels are written so that they also run under ``TRITON_INTERPRET=1`` (CPU 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from .support import triton_interpreting
 
 __all__ = ["SPLITK_MAX_TOKENS", "choose_split_k", "splitk_config", "splitk_supported", "tile_int4_splitk_gemv"]
 
@@ -157,10 +158,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def tile_int4_splitk_gemv(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -190,7 +187,7 @@ def tile_int4_splitk_gemv(
         )
     if reduce not in ("atomic", "sum"):
         raise ValueError(f"tile_int4_splitk_gemv: reduce must be 'atomic' or 'sum', got {reduce!r}")
-    if not (x.is_cuda or _interpreting()):
+    if not (x.is_cuda or triton_interpreting()):
         raise RuntimeError("tile_int4_splitk_gemv needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     l1, l2 = tile
     x = x.contiguous()
@@ -201,7 +198,7 @@ def tile_int4_splitk_gemv(
     block_w = min(cfg["block_w"], 1 << max(n_words - 1, 0).bit_length())
     split_k = split_k or cfg.get("split_k")  # a tuned bucket may fix it
     if split_k is None:
-        split_k = 1 if _interpreting() and not x.is_cuda else choose_split_k(d_out, n_words, rows, block_w)
+        split_k = 1 if triton_interpreting() and not x.is_cuda else choose_split_k(d_out, n_words, rows, block_w)
     per_split = _cdiv(_cdiv(n_words, max(split_k, 1)), block_w) * block_w  # whole steps per slice
     split_k = _cdiv(n_words, per_split)  # no empty slices
     triton, kernel = _build()

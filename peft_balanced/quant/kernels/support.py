@@ -4,12 +4,13 @@ the kernel preference (``peft_balanced.settings``) allowing them."""
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from ...settings import triton_allowed
 
-__all__ = ["triton_available"]
+__all__ = ["triton_available", "triton_interpreting"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -25,3 +26,8 @@ def _triton_importable() -> bool:
 def triton_available() -> bool:
     """True when the Triton kernels can run: allowed by the kernel preference, CUDA present, Triton importable."""
     return triton_allowed() and torch.cuda.is_available() and _triton_importable()
+
+
+def triton_interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1``: Triton runs kernels on CPU tensors with numpy (the kernel tests use it)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
