@@ -48,7 +48,13 @@ def setting_of(record: dict) -> tuple:
             s["smoke"])  # fmt: skip
 
 
-DIVERGED: dict[tuple, set[tuple[str, float]]] = {}  # {setting: {(method, lr)}} of runs whose loss diverged
+def diverged_runs(records: list[dict]) -> dict[tuple, set[tuple[str, float]]]:
+    """``{setting: {(method, lr)}}`` of the runs whose training loss diverged (records with ``failed``)."""
+    out: dict[tuple, set[tuple[str, float]]] = defaultdict(set)
+    for record in records:
+        if record.get("failed"):
+            out[setting_of(record)].add((record["method"], record["settings"]["lr"]))
+    return out
 
 
 def latest(records: list[dict]) -> dict[tuple, dict[str, dict[float, dict[int, dict]]]]:
@@ -60,7 +66,6 @@ def latest(records: list[dict]) -> dict[tuple, dict[str, dict[float, dict[int, d
     base = {}
     for record in records:
         if record.get("failed"):
-            DIVERGED.setdefault(setting_of(record), set()).add((record["method"], record["settings"]["lr"]))
             continue
         if record["adapter"] == "none":
             base.setdefault(setting_of(record)[0], {})[record["seed"]] = record
@@ -306,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     out = pathlib.Path(args.out)
     sections, tables = [], []
+    diverged = diverged_runs(records)
     for index, (setting, by_lr) in enumerate(latest(records).items()):
         _, steps, batch, r, recipe, smoke = setting
         methods, chosen = best_runs(by_lr)
@@ -318,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("plots: " + ", ".join(paths))
             except ImportError:
                 print("matplotlib is not installed: no plots (pip install matplotlib)")
-        grid = lr_grid_table(by_lr, chosen, DIVERGED.get(setting, set()))
+        grid = lr_grid_table(by_lr, chosen, diverged.get(setting, set()))
         grid_head = "Dev accuracy at every lr [select accuracy, which picks the lr]; bold: the chosen lr."
         speed = speed_table(methods)
         print(f"\n{head}\n\n{grid_head}\n\n{grid}\n\n{speed}")

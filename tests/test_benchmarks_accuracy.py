@@ -224,3 +224,19 @@ def test_lr_grid_plans_every_lr_and_seed_and_the_base_model_once_per_seed():
     assert sum(job.methods == ("base",) for job in jobs) == 2
     trained = [(j.seed, j.lr, j.steps) for j in jobs if j.methods == ("qlora", "qlora_requant")]
     assert sorted(trained) == sorted((s, lr, n) for s in (0, 1) for lr in (1e-4, 1e-3) for n in (200, 600))
+
+
+def test_a_diverged_lr_is_shown_in_the_grid_and_never_chosen(tmp_path, capsys):
+    bench = _bench(tmp_path, save=False)
+    harness.run_group([harness.METHODS["lora"]], 0, bench, lambda _: 0)
+    job = accuracy_parallel.Job(("lora",), 0, 3e-2, bench.settings.steps)
+    settings = dataclasses.replace(bench.settings, lr=job.lr)
+    failed = accuracy.failure_record(harness.METHODS["lora"], job, dataclasses.replace(bench, settings=settings), "x")
+    harness.append_record(bench.out, failed)
+    records = accuracy_report.load_records(bench.out)
+    (methods,) = accuracy_report.latest(records).values()
+    assert list(methods["lora"]) == [bench.settings.lr]  # the diverged run is no candidate
+    assert accuracy.main(["report", str(bench.out), "--no-plots"]) == 0
+    grid_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| lora | ") and
+                    "diverged" in line)  # fmt: skip
+    assert grid_row.count("|") == 4  # method, lr 3e-4 (chosen), lr 0.03 (diverged)
