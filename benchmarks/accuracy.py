@@ -1,8 +1,14 @@
 """Dev accuracy of every adapter on BIG-bench multiple-choice tasks with SmolLM2-135M-Instruct (issues 4 and 5).
 
-    PYTHONUNBUFFERED=1 python benchmarks/accuracy.py --out OUT --methods lora,qlora --seeds 0,1   # a GPU call
-    python benchmarks/accuracy.py --smoke --methods base,qblora2 --out /tmp/acc                  # CPU check
-    python benchmarks/accuracy.py report OUT                                                    # table and plots
+    python benchmarks/accuracy.py --out OUT --methods lora,qlora,qblora2 --seeds 0,1,2 --lrs 1e-4,3e-4,1e-3  # GPU
+    python benchmarks/accuracy.py --out OUT --methods qlora,qblora2 --steps 600 --lrs-from OUT --resume   # longer
+    python benchmarks/accuracy.py --smoke --methods base,qblora2 --out /tmp/acc                          # CPU check
+    python benchmarks/accuracy.py report OUT                                                            # tables
+
+A job is one (method group, seed, lr, steps, recipe); ``--parallel N`` runs N at once as worker processes on one GPU
+(accuracy_parallel.py; default: as many as GPU memory and CPU cores allow). ``--select-n`` train examples per task
+are held out of training; the report picks each method's lr on them (accuracy_report.py) and reports dev.
+benchmarks/device_accuracy.sh holds the GPU calls of docs/accuracy.md.
 
 Each (method, seed) trains a rank-``--r`` adapter on the 7 Llama projections with a plain loop (AdamW, ``--lr``,
 linear warm-up then linear decay, batch ``--batch-size``, ``--steps`` steps, gradient clipping 1.0) on the mixed
@@ -31,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -262,16 +267,22 @@ def groups_of(methods: list[Method]) -> list[list[Method]]:
 
 
 def chosen_lrs(path: str | os.PathLike) -> dict[str, float]:
-    """``{method: lr}`` chosen on the select split from the records at ``path`` (default recipe)."""
+    """``{method: lr}`` chosen on the select split from the records at ``path`` (default recipe).
+
+    A method's lr comes from its lr grid: the step count at which it ran the most learning rates (so that later runs
+    at the chosen lr, e.g. longer ones, do not enter the choice)."""
     import accuracy_report
 
     path = pathlib.Path(path)
     folder = path.parent if path.is_file() else path
-    records = [r for r in accuracy_report.load_records(folder) if r["settings"].get("recipe", "default") == "default"]
-    by_method: dict[str, dict[float, dict[int, dict]]] = {}
-    for record in records:
-        by_method.setdefault(record["method"], {}).setdefault(record["settings"]["lr"], {})[record["seed"]] = record
-    return {name: accuracy_report.choose_lr(by_lr)[0] for name, by_lr in by_method.items()}
+    grids: dict[str, dict[int, dict[float, dict[int, dict]]]] = {}
+    for record in accuracy_report.load_records(folder):
+        s = record["settings"]
+        if s.get("recipe", "default") == "default" and not record.get("failed"):
+            grids.setdefault(record["method"], {}).setdefault(s["steps"], {}).setdefault(s["lr"], {})[
+                record["seed"]
+            ] = record
+    return {name: accuracy_report.choose_lr(max(by_steps.values(), key=len))[0] for name, by_steps in grids.items()}
 
 
 def plan_jobs(methods: list[Method], args: argparse.Namespace, steps: list[int]) -> list[Job]:
@@ -365,10 +376,11 @@ def failure_record(method: Method, job: Job, bench: Bench, error: str) -> dict:
 
 def done_jobs(out: pathlib.Path) -> set[tuple]:
     """``(method, seed, lr, steps, recipe)`` of every record (results or divergences) in ``out/results.jsonl``."""
-    path = out / "results.jsonl"
-    if not path.is_file():
+    import accuracy_report
+
+    if not (out / "results.jsonl").is_file():
         return set()
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = accuracy_report.load_records(out)
     return {(r["method"], r["seed"], r["settings"]["lr"], r["settings"]["steps"], r["settings"].get("recipe",
             "default")) for r in records}  # fmt: skip
 

@@ -240,3 +240,20 @@ def test_a_diverged_lr_is_shown_in_the_grid_and_never_chosen(tmp_path, capsys):
     grid_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| lora | ") and
                     "diverged" in line)  # fmt: skip
     assert grid_row.count("|") == 4  # method, lr 3e-4 (chosen), lr 0.03 (diverged)
+
+
+def test_lrs_from_chooses_on_the_lr_grid_and_ignores_later_runs_at_other_step_counts(tmp_path):
+    def record(lr: float, steps: int, select: float) -> dict:
+        return {"method": "qlora", "seed": 0, "adapter": "lora", "mean_accuracy": select, "select": {
+            "mean_accuracy": select}, "settings": {"lr": lr, "steps": steps, "recipe": "default"}}  # fmt: skip
+
+    for rec in (record(1e-4, 200, 0.40), record(1e-3, 200, 0.55), record(1e-4, 600, 0.90)):
+        harness.append_record(tmp_path, rec)
+    assert accuracy.chosen_lrs(tmp_path) == {"qlora": 1e-3}
+    assert accuracy.chosen_lrs(tmp_path / "results.jsonl") == {"qlora": 1e-3}
+
+
+def test_resume_knows_every_recorded_method_seed_lr_steps_and_recipe(tmp_path):
+    assert accuracy.done_jobs(tmp_path) == set()
+    harness.append_record(tmp_path, {"method": "lora", "seed": 2, "settings": {"lr": 3e-4, "steps": 600}})
+    assert accuracy.done_jobs(tmp_path) == {("lora", 2, 3e-4, 600, "default")}
