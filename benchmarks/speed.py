@@ -137,7 +137,9 @@ class Trainee:
                 if param.requires_grad:
                     param.data = param.data.to(torch.bfloat16)
         if compile_mode != "off":
-            peft_balanced.compile_for_training(self.model, mode=compile_mode, dynamic=False)
+            # peft's bitsandbytes layers break the graph (fullgraph=False compiles between the breaks); ours must not
+            whole = BASE_OF[method] != "nf4" or method.startswith("qblora")
+            peft_balanced.compile_for_training(self.model, mode=compile_mode, dynamic=False, fullgraph=whole)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
         self.optimizer = torch.optim.AdamW(params, lr=1e-5)

@@ -5,6 +5,11 @@
 ``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM`` and TRL's ``SFTTrainer`` treat them like LoRA, and the
 ``"tile_int4"`` quantization method with transformers. Importing twice, or reloading, is harmless.
 """
+# ruff: noqa: E402  (bitsandbytes is imported quietly before anything imports peft, which imports it)
+
+from ._warnings import import_bitsandbytes_quietly
+
+import_bitsandbytes_quietly()
 
 from .checkpoint import install_checkpoint_guards
 from .compilation import compile_for_training

@@ -7,6 +7,7 @@ bitsandbytes is optional: its name is imported when first used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from peft.tuners._buffer_dict import BufferDict
@@ -21,6 +22,7 @@ __all__ = [
     "ConversionOps",
     "HfQuantizer",
     "assign_is_quantized",
+    "dynamo_checkpoint_side_effects_allowed",
     "get_in_out_features",
     "get_module_from_name",
     "peft_method_mappings",
@@ -28,7 +30,7 @@ __all__ = [
     "unpack_bnb_cpu_weight",
 ]
 
-CHECKED_VERSIONS = {"peft": "0.21.2", "transformers": "5.24.0", "bitsandbytes": "0.50.2", "torch": "2.13.0"}
+CHECKED_VERSIONS = {"peft": "0.21.2", "transformers": "5.25.0", "bitsandbytes": "0.50.2", "torch": "2.13.0"}
 
 get_in_out_features = _get_in_out_features  # peft: (in_features, out_features) of a (quantized) base layer
 assign_is_quantized = _assign_is_quantized  # transformers: mark every module of a model as quantized
@@ -39,6 +41,20 @@ def unpack_bnb_cpu_weight(data: Any, quant_state: Any) -> tuple[Any, Any]:
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     return _convert_weight_packed_for_cpu_inverse(data, quant_state)
+
+
+def dynamo_checkpoint_side_effects_allowed(function: Callable) -> Callable:
+    """torch: ``function`` traced with dynamo allowing side effects inside ``torch.utils.checkpoint`` regions.
+
+    transformers >= 5.25 runs the checkpoint inside a decoder layer's ``forward``, and its hub-kernel layers set a
+    context variable there; dynamo refuses such a side effect inside the checkpoint unless this (private) setting
+    is on, and without it a compiled layer falls back to eager. Older torch lacks the setting: ``function`` as is.
+    """
+    import torch._dynamo
+
+    if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return function
+    return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)(function)
 
 
 def peft_method_mappings() -> tuple[dict, dict, dict]:

@@ -7,9 +7,14 @@ under compile, so a decoder layer with BLoRA, Q-BLoRA or QA-BLoRA adapters compi
 
 Not yet measured on a GPU (see docs/benchmarks.md). Limits:
 
-* Gradient checkpointing: transformers wraps each decoder layer's call in ``torch.utils.checkpoint``; the compiled
-  layer runs inside it (the recomputation re-runs the compiled forward). Enable checkpointing before or after, with
-  ``use_reentrant=False``.
+* Gradient checkpointing: transformers wraps each decoder layer in ``torch.utils.checkpoint`` (up to 5.24 around
+  the layer's call, so the compiled layer runs inside it; from 5.25 inside the layer's ``forward``, so the compiled
+  graph holds the checkpoint and the recomputation). Enable it before or after, with ``use_reentrant=False``. Side
+  effects inside a checkpointed layer (transformers' hub-kernel and output-capture context variables) are not
+  replayed in the recomputation; they only select kernels and record outputs of the first forward.
+* ``fullgraph=True`` (the default): a layer that dynamo cannot compile whole raises at its first call (with
+  dynamo's reason) instead of silently running eager in parts. Our adapters compile whole; peft's bitsandbytes
+  layers (QLoRA) do not: pass ``fullgraph=False`` for those, and the layer compiles between its graph breaks.
 * ``mode="reduce-overhead"`` uses CUDA graphs: shapes must be static (pad or pack every batch to one length;
   ``dynamic=False``), and a new shape records a new graph. On CPU it is the same as ``"default"``.
 * Changing the model's structure afterwards (adding, deleting or merging adapters, switching the active adapter)
@@ -17,13 +22,16 @@ Not yet measured on a GPU (see docs/benchmarks.md). Limits:
 * Numerics: inductor fuses and reorders float32 operations, so float32 results are close to, not bit-identical
   with, eager's; with ``emulate_precision_casts`` (the default) bf16 results follow eager's roundings.
 * Every compiled model adds guards to the one compiled decoder-layer code; more than
-  ``torch._dynamo.config.recompile_limit`` (8) differently built models in one process fall back to eager
-  silently: raise the limit (``benchmarks/speed.py`` does) or call ``torch._dynamo.reset()`` between models.
+  ``torch._dynamo.config.recompile_limit`` (8) differently built models in one process cannot be compiled: with
+  ``fullgraph=True`` that raises; raise the limit (``benchmarks/speed.py`` does) or call ``torch._dynamo.reset()``
+  between models.
 """
 
 from __future__ import annotations
 
 from torch import nn
+
+from ._compat import dynamo_checkpoint_side_effects_allowed
 
 __all__ = ["COMPILE_MODES", "compile_for_training", "decoder_layers"]
 
@@ -51,7 +59,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def compile_for_training(
-    model: nn.Module, mode: str = "default", dynamic: bool | None = None, emulate_precision_casts: bool = True
+    model: nn.Module,
+    mode: str = "default",
+    dynamic: bool | None = None,
+    emulate_precision_casts: bool = True,
+    fullgraph: bool = True,
 ) -> nn.Module:
     """Compile every decoder layer of ``model`` in place with ``layer.compile(...)`` in ``mode``.
 
@@ -61,7 +73,8 @@ def compile_for_training(
     ``"reduce-overhead"`` with fixed-length batches). ``emulate_precision_casts``: inductor rounds every
     intermediate to its eager dtype (bf16 / fp16) instead of keeping it in float32 inside a fused kernel, so
     low-precision results follow eager's roundings (on CPU, bf16 training matched eager bit for bit in our tests);
-    ``False`` may be faster. See this module's docstring for the limits.
+    ``False`` may be faster. ``fullgraph``: raise when a layer cannot be compiled as one graph (``False``: compile
+    between graph breaks). See this module's docstring for the limits.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(
@@ -69,6 +82,8 @@ def compile_for_training(
         )
     if dynamic not in (None, True, False):
         raise ValueError(f"compile_for_training: dynamic must be None, True or False, got {dynamic!r}")
+    if not isinstance(fullgraph, bool):
+        raise ValueError(f"compile_for_training: fullgraph must be True or False, got {fullgraph!r}")
     layers = decoder_layers(model)
     if not layers:
         raise ValueError(
@@ -80,5 +95,7 @@ def compile_for_training(
 
     options = {**list_mode_options(mode, dynamic), "emulate_precision_casts": bool(emulate_precision_casts)}
     for layer in layers:
-        layer.compile(dynamic=dynamic, options=options)
+        layer.compile(dynamic=dynamic, fullgraph=fullgraph, options=options)
+        # nn.Module.compile keeps the compiled call here; tracing it must allow the checkpoint's side effects
+        layer._compiled_call_impl = dynamo_checkpoint_side_effects_allowed(layer._compiled_call_impl)
     return model

@@ -107,6 +107,41 @@ def test_compile_for_training_rejects_a_dynamic_that_is_not_a_bool_or_none():
         compile_for_training(adapted("blora"), dynamic="yes")
 
 
+def test_compile_for_training_rejects_a_fullgraph_that_is_not_a_bool():
+    with pytest.raises(ValueError, match="fullgraph must be True or False, got 1"):
+        compile_for_training(adapted("blora"), fullgraph=1)
+
+
+def break_graph_in_attention(model):
+    """A forward hook that dynamo cannot trace, inside every decoder layer's attention."""
+
+    def hook(module, args, output):
+        torch._dynamo.graph_break()
+
+    for layer in decoder_layers(model):
+        layer.self_attn.register_forward_hook(hook)
+
+
+def test_a_layer_that_cannot_compile_whole_raises_at_its_first_call(input_ids):
+    torch._dynamo.reset()
+    model = adapted("blora")
+    break_graph_in_attention(model)
+    compile_for_training(model)
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        model(input_ids=input_ids)
+
+
+def test_fullgraph_false_compiles_a_layer_between_its_graph_breaks(input_ids):
+    torch._dynamo.reset()
+    counters.clear()
+    model = adapted("blora")
+    break_graph_in_attention(model)
+    compile_for_training(model, fullgraph=False)
+    model(input_ids=input_ids)
+    assert counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] >= 2
+
+
 def test_compile_for_training_rejects_a_model_without_repeated_layers():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     with pytest.raises(ValueError, match="found no repeated decoder layers in Sequential"):
