@@ -28,7 +28,7 @@ def import_bitsandbytes_quietly() -> None:
 
     On a CPU with AVX512-BF16, bitsandbytes >= 0.49 tries at import to fetch an optional CPU GEMM kernel from the
     Hugging Face Hub through the ``kernels`` package (which transformers >= 5.25 installs). Without network, or
-    without ``trust_remote_code`` for that repository, it logs "Failed to load CPU gemm_4bit_forward from
+    without trusting that repository's code, it logs "Failed to load CPU gemm_4bit_forward from
     kernels-community ..." (offline, ``kernels`` first logs that it skips the publisher check) and uses its own CPU
     kernels: nothing is lost, and a user cannot act on it short of trusting remote code. peft imports bitsandbytes
     on ``import peft``, so this runs first and, while bitsandbytes is imported, drops exactly the records that name

@@ -2,8 +2,10 @@
 
 Compiling each repeated decoder layer instead of the whole model keeps compile time to one layer's (the layers
 share one compiled graph: same code, same shapes) and leaves the embedding, the loss and peft's wrappers eager.
-The package's own nodes (the fused balanced-adapter add, the NF4 dequantize-matmul) are ``torch.library`` custom ops
-under compile, so a decoder layer with BLoRA, Q-BLoRA or QA-BLoRA adapters compiles without graph breaks.
+The package's own nodes compile whole: dynamo traces the fused balanced-adapter add (an ``autograd.Function``,
+forward and backward), so inductor fuses it with its neighbours; the quantized layers' kernels (NF4 dequantize-matmul,
+tile-INT4 dequantize) are ``torch.library`` custom ops, and whether Triton is usable is decided outside the trace.
+So a decoder layer with BLoRA, Q-BLoRA or QA-BLoRA adapters compiles without graph breaks.
 
 Not yet measured on a GPU (see docs/benchmarks.md). Limits:
 

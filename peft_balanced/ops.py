@@ -139,29 +139,17 @@ def add_balanced_adapter(
     activations only (``pool(x)`` and the intermediate products) and sums gradients over groups in the weights'
     dtype. One node instead of a dozen keeps the per-layer host overhead low.
 
-    Eager calls run an ``autograd.Function`` (half the host time of the custom op on CPU: 0.23 vs 0.47 ms per
-    forward + backward of a small layer); under ``torch.compile`` the same math runs as the custom op
-    ``peft_balanced::balanced_add`` (registered below), so the compiled graph does not break here.
+    Under ``torch.compile`` dynamo traces this ``autograd.Function``, forward and backward, without a graph break,
+    so inductor fuses the pooling, the expansion and the group sums with their neighbours (an opaque custom op here
+    was measured slower; docs/benchmarks.md).
     """
-    if CUSTOM_OPS and torch.compiler.is_compiling():
-        out, _ = torch.ops.peft_balanced.balanced_add(
-            base, x, list(weights), float(scaling), k_in, k_out, _compute_dtype(x, weights)
-        )
-        return out
     return _BalancedAdd.apply(base, x, scaling, k_in, k_out, *weights)
 
 
-# ---------------------------------------------------------------------------------------------- custom op
-# torch.library custom ops (torch >= 2.4) are opaque to torch.compile: a fake (meta) function gives output shapes,
-# and the backward below is traced into the compiled backward graph. On older torch, compiled code falls back to
-# tracing the autograd.Function above.
+# ---------------------------------------------------------------------------------------------- custom ops
+# torch.library custom ops (torch >= 2.4) are opaque to torch.compile: a fake (meta) function gives output shapes.
+# The quantized layers' kernels use them (quant/kernels), so dynamo never traces the building of a Triton kernel.
 CUSTOM_OPS = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd")
-
-
-def _pools_in_place(x: torch.Tensor, k_in: int, compute_dtype: torch.dtype) -> bool:
-    """``pool(x, k_in, compute_dtype) is x``: then the op saves nothing for ``pool(x)`` (a custom op's outputs may
-    not alias its inputs) and the backward reads ``x``."""
-    return k_in == 1 and x.dtype == compute_dtype
 
 
 def _registered(name: str) -> bool:
@@ -177,57 +165,3 @@ def define_custom_op(name: str, function, mutates_args=()):
     if _registered(name):
         return None
     return torch.library.custom_op(f"peft_balanced::{name}", function, mutates_args=mutates_args)
-
-
-def _balanced_add_op(
-    base: torch.Tensor,
-    x: torch.Tensor,
-    weights: list[torch.Tensor],
-    scaling: float,
-    k_in: int,
-    k_out: int,
-    compute_dtype: torch.dtype,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(out, saved)``: :func:`add_balanced_adapter`'s output and the small activations its backward reads."""
-    out, hidden, _ = _balanced_forward(base, x, weights, scaling, k_in, k_out, compute_dtype)
-    if _pools_in_place(x, k_in, compute_dtype):
-        hidden = hidden[1:]
-    return out, [h.clone() if h is x else h for h in hidden]
-
-
-def _balanced_add_fake(base, x, weights, scaling, k_in, k_out, compute_dtype):
-    if x.shape[-1] % k_in:
-        raise ValueError(f"Cannot pool {x.shape[-1]} features by {k_in}: {x.shape[-1]} is not a multiple of {k_in}.")
-    lead = x.shape[:-1]
-    widths = [x.shape[-1] // k_in] + [weight.shape[0] for weight in weights[:-1]]
-    if _pools_in_place(x, k_in, compute_dtype):
-        widths = widths[1:]
-    saved = [x.new_empty((*lead, width), dtype=compute_dtype) for width in widths]
-    return torch.empty_like(base), saved
-
-
-def _balanced_add_setup(ctx, inputs, output):
-    base, x, weights, scaling, k_in, k_out, compute_dtype = inputs
-    saved = list(output[1])
-    ctx.pooled_x = _pools_in_place(x, k_in, compute_dtype)
-    ctx.save_for_backward(*([x] if ctx.pooled_x else []), *saved, *weights)
-    ctx.scaling, ctx.k_in, ctx.k_out, ctx.compute_dtype, ctx.n = scaling, k_in, k_out, compute_dtype, len(weights)
-    ctx.x_dtype, ctx.weight_dtypes = x.dtype, [weight.dtype for weight in weights]
-
-
-def _balanced_add_backward(ctx, grad, grad_saved):
-    tensors = ctx.saved_tensors
-    hidden, weights = tensors[: ctx.n], tensors[ctx.n :]
-    cast = [weight.to(ctx.compute_dtype) for weight in weights]  # the forward's cast, recomputed (small)
-    grad_x, grad_weights = _balanced_backward(
-        grad, hidden, cast, ctx.scaling, ctx.k_in, ctx.k_out, ctx.x_dtype, ctx.weight_dtypes,
-        ctx.needs_input_grad[1], ctx.needs_input_grad[2],
-    )  # fmt: skip
-    return grad, grad_x, grad_weights, None, None, None, None
-
-
-if CUSTOM_OPS:
-    _op = define_custom_op("balanced_add", _balanced_add_op)
-    if _op is not None:
-        _op.register_fake(_balanced_add_fake)
-        _op.register_autograd(_balanced_add_backward, setup_context=_balanced_add_setup)

@@ -81,7 +81,8 @@ def test_decoder_layer_with_balanced_adapters_compiles_to_one_graph(method, inpu
     explanation = torch._dynamo.explain(decoder_layers(model)[0])(*args, **kwargs)
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
-    assert "peft_balanced.balanced_add" in explanation.graphs[0].code
+    # each adapted projection's fused add is traced into the graph as an autograd node (bitsandbytes adds its own)
+    assert explanation.graphs[0].code.count("higher_order.autograd_function_apply(") >= 7
 
 
 def test_decoder_layers_are_found_inside_a_peft_model():
@@ -188,14 +189,3 @@ def test_compiled_bf16_training_is_bit_identical_to_eager_on_cuda(method):
 def test_peft_lora_model_compiles_too():
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS))
     assert len(decoder_layers(compile_for_training(model))) == 2
-
-
-def test_without_custom_ops_the_layer_still_compiles_through_the_autograd_function(monkeypatch, input_ids):
-    # torch < 2.4 has no torch.library.custom_op: dynamo then traces the autograd.Function itself
-    monkeypatch.setattr(peft_balanced.ops, "CUSTOM_OPS", False)
-    model = adapted("blora")
-    args, kwargs = layer_inputs(model, input_ids)
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(decoder_layers(model)[0])(*args, **kwargs)
-    assert explanation.graph_break_count == 0
-    assert "peft_balanced.balanced_add" not in explanation.graphs[0].code

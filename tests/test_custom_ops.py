@@ -1,5 +1,6 @@
-"""The package's autograd nodes as torch.library custom ops: eager values bit-identical to the autograd.Functions
-(and to the fused add as it was before the ops existed), valid fake / autograd registrations (``opcheck``)."""
+"""The quantized layers' kernels as torch.library custom ops: eager values bit-identical to the autograd.Functions
+and references, valid fake / autograd registrations (``opcheck``); the fused balanced add, which dynamo traces,
+bit-identical to the fused add as it was first written (2518e54)."""
 
 import bitsandbytes as bnb
 import pytest
@@ -51,11 +52,6 @@ class _BalancedAddAsOf2518e54(torch.autograd.Function):
         return grad, grad_x, None, None, None, *grad_weights
 
 
-def _custom_op(base, x, weights, scaling, k_in, k_out):
-    compute_dtype = ops._compute_dtype(x, weights)
-    return torch.ops.peft_balanced.balanced_add(base, x, weights, scaling, k_in, k_out, compute_dtype)[0]
-
-
 def _function(base, x, weights, scaling, k_in, k_out):
     return ops._BalancedAdd.apply(base, x, scaling, k_in, k_out, *weights)
 
@@ -89,36 +85,22 @@ def _forward_backward(add, dtype, weight_dtype, k_in, k_out, n_weights, autocast
     "dtype,weight_dtype",
     [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
 )
-def test_balanced_add_op_is_bit_identical_to_the_autograd_function_forward_and_backward(
+def test_balanced_add_is_bit_identical_to_the_fused_add_of_2518e54_forward_and_backward(
     dtype, weight_dtype, k_in, k_out, n_weights, autocast
 ):
     case = (dtype, weight_dtype, k_in, k_out, n_weights, autocast)
     reference = _forward_backward(_reference, *case)
-    for add in (_custom_op, _function):
-        results = _forward_backward(add, *case)
-        for got, want in zip(results, reference, strict=True):
-            assert got.dtype == want.dtype
-            assert torch.equal(got, want)
+    results = _forward_backward(_function, *case)
+    for got, want in zip(results, reference, strict=True):
+        assert got.dtype == want.dtype
+        assert torch.equal(got, want)
 
 
-def test_balanced_add_op_passes_opcheck():
-    for k_in, k_out, n_weights in [(2, 3, 2), (1, 1, 1), (1, 2, 2)]:
-        base, x, weights = _balanced_inputs(torch.float32, torch.float32, k_in, k_out, n_weights)
-        args = (base, x, weights, 0.5, k_in, k_out, torch.float32)
-        torch.library.opcheck(torch.ops.peft_balanced.balanced_add.default, args)
-
-
-def test_balanced_add_op_saves_no_copy_of_an_input_it_does_not_pool():
-    base, x, weights = _balanced_inputs(torch.float32, torch.float32, 1, 1, 2)
-    _, saved = torch.ops.peft_balanced.balanced_add(base, x, weights, 0.5, 1, 1, torch.float32)
-    assert [tuple(t.shape) for t in saved] == [(2, 5, 6)]  # only W_1 x; the backward reads x itself
-
-
-def test_balanced_add_under_compile_is_one_graph_around_the_custom_op():
+def test_balanced_add_under_compile_is_one_graph_of_traced_torch_ops():
     base, x, weights = _balanced_inputs(torch.float32, torch.float32, 2, 2, 2)
     explanation = torch._dynamo.explain(ops.add_balanced_adapter)(base, x, weights, 0.5, 2, 2)
     assert explanation.graph_break_count == 0
-    assert "peft_balanced.balanced_add" in explanation.graphs[0].code
+    assert "peft_balanced" not in explanation.graphs[0].code  # no opaque op: inductor sees the math
 
 
 def _nf4_args(layer, x, bias):
@@ -165,3 +147,23 @@ def test_nf4_linear_under_compile_is_one_graph_around_the_custom_op():
     explanation = torch._dynamo.explain(nf4.nf4_linear)(layer, x)
     assert explanation.graph_break_count == 0
     assert "peft_balanced.nf4_linear" in explanation.graphs[0].code
+
+
+def _tile_int4_args(tile=(4, 8), dtype=torch.bfloat16):
+    from peft_balanced.quant.tile_int4 import quantize_tiles
+
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    packed, scale, zero = quantize_tiles(weight, tile)
+    return packed, scale, zero, tile[0], tile[1], dtype
+
+
+def test_tile_int4_dequantize_op_equals_the_reference():
+    from peft_balanced.quant.tile_int4 import dequantize_tiles
+
+    packed, scale, zero, l1, l2, dtype = _tile_int4_args()
+    expected = dequantize_tiles(packed, scale, zero, (l1, l2), dtype)
+    assert torch.equal(torch.ops.peft_balanced.tile_int4_dequantize(packed, scale, zero, l1, l2, dtype), expected)
+
+
+def test_tile_int4_dequantize_op_passes_opcheck():
+    torch.library.opcheck(torch.ops.peft_balanced.tile_int4_dequantize.default, _tile_int4_args())

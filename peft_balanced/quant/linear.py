@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels.gemv import fused_linear, use_gemv
-from .kernels.int4 import triton_dequantize_tiles
+from .kernels.int4 import dequantize_tiles_on_device
 from .kernels.small_gemm import small_gemm_linear, use_small_gemm
 from .kernels.support import triton_available
 from .spec import TileInt4Spec, resolve_spec
@@ -150,7 +150,7 @@ class TileInt4Linear(nn.Module):
         """Full weight ``W~`` of shape ``(out_features, in_features)`` in ``dtype`` (default ``compute_dtype``)."""
         dtype = dtype or self.compute_dtype
         if self.qweight.is_cuda and triton_available():
-            return triton_dequantize_tiles(self.qweight, self.scale, self.zero, self.tile, dtype)
+            return dequantize_tiles_on_device(self.qweight, self.scale, self.zero, self.tile, dtype)
         return dequantize_tiles(self.qweight, self.scale, self.zero, self.tile, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

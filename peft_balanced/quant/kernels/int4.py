@@ -15,9 +15,10 @@ import functools
 
 import torch
 
+from ...ops import CUSTOM_OPS, define_custom_op
 from ..tile_int4 import dequantize_tiles
 
-__all__ = ["triton_dequantize_tiles"]
+__all__ = ["dequantize_tiles_on_device", "triton_dequantize_tiles"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -161,6 +162,34 @@ def triton_dequantize_tiles(
         enable_fp_fusion=False,
     )
     return out
+
+
+def dequantize_tiles_on_device(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, tile: tuple[int, int], out_dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`triton_dequantize_tiles`; under ``torch.compile`` the custom op ``peft_balanced::tile_int4_dequantize``
+    (same kernel, opaque to dynamo, so the graph does not break on building the kernel)."""
+    traced = CUSTOM_OPS and torch.compiler.is_compiling() and not (scale.requires_grad or zero.requires_grad)
+    if traced:
+        return torch.ops.peft_balanced.tile_int4_dequantize(packed, scale, zero, tile[0], tile[1], out_dtype)
+    return triton_dequantize_tiles(packed, scale, zero, tile, out_dtype)
+
+
+def _tile_int4_dequantize_op(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, l1: int, l2: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`triton_dequantize_tiles` with the tile as two ints: ``(D_out, D_in)`` in ``out_dtype``."""
+    return triton_dequantize_tiles(packed, scale, zero, (l1, l2), out_dtype)
+
+
+def _tile_int4_dequantize_fake(packed, scale, zero, l1, l2, out_dtype):
+    return packed.new_empty((packed.shape[0], 2 * packed.shape[1]), dtype=out_dtype)
+
+
+if CUSTOM_OPS:
+    _dequantize_op = define_custom_op("tile_int4_dequantize", _tile_int4_dequantize_op)
+    if _dequantize_op is not None:
+        _dequantize_op.register_fake(_tile_int4_dequantize_fake)
 
 
 class _InputGradLinear(torch.autograd.Function):

@@ -3,7 +3,6 @@ the kernel preference (``peft_balanced.settings``) allowing them."""
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -13,14 +12,21 @@ from ...settings import triton_allowed
 __all__ = ["triton_available", "triton_interpreting"]
 
 
-@functools.lru_cache(maxsize=1)
+_triton_found: bool | None = None  # decided once per process, at the first question
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: asked once when tracing, a constant in the graph
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language as tl
-    except Exception:
-        return False
-    return hasattr(tl, "interleave")
+    global _triton_found
+    if _triton_found is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language as tl
+        except Exception:
+            _triton_found = False
+        else:
+            _triton_found = hasattr(tl, "interleave")
+    return _triton_found
 
 
 def triton_available() -> bool:
