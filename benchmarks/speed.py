@@ -138,7 +138,7 @@ class Trainee:
                     param.data = param.data.to(torch.bfloat16)
         if compile_mode != "off":
             # peft's bitsandbytes layers break the graph (fullgraph=False compiles between the breaks); ours must not
-            whole = BASE_OF[method] != "nf4" or method.startswith("qblora")
+            whole = method not in ("qlora", "qlora_match", "qblora_bnb")
             peft_balanced.compile_for_training(self.model, mode=compile_mode, dynamic=False, fullgraph=whole)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
