@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels.gemv import fused_linear, use_gemv
-from .kernels.int4 import dequantize_tiles_on_device
+from .kernels.int4 import dequantize_tiles_on_device, dequantized_linear
 from .kernels.small_gemm import small_gemm_linear, use_small_gemm
 from .kernels.support import triton_available
 from .spec import TileInt4Spec, resolve_spec
@@ -163,6 +163,8 @@ class TileInt4Linear(nn.Module):
             return fused_linear(x.to(dtype), self.qweight, self.scale, self.zero, self.tile, bias)  # few tokens
         if use_small_gemm(tokens, self.tile, dtype, self.in_features, x.device.type, triton_ok, param_grad):  # opt-in
             return small_gemm_linear(x.to(dtype), self.qweight, self.scale, self.zero, self.tile, bias)
+        if torch.is_grad_enabled() and x.requires_grad and x.dtype == dtype and not param_grad:
+            return dequantized_linear(x, self.qweight, self.scale, self.zero, self.tile, bias)  # training
         weight = self.dequantize(dtype)
         return F.linear(x, weight, bias)
 

@@ -18,7 +18,7 @@ import torch
 from ...ops import CUSTOM_OPS, define_custom_op
 from ..tile_int4 import dequantize_tiles
 
-__all__ = ["dequantize_tiles_on_device", "triton_dequantize_tiles"]
+__all__ = ["dequantize_tiles_on_device", "dequantized_linear", "triton_dequantize_tiles"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -190,6 +190,39 @@ if CUSTOM_OPS:
     _dequantize_op = define_custom_op("tile_int4_dequantize", _tile_int4_dequantize_op)
     if _dequantize_op is not None:
         _dequantize_op.register_fake(_tile_int4_dequantize_fake)
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """``F.linear(x, W~, bias)`` for a frozen tile-INT4 weight: ``W~`` is dequantized in the forward and again in the
+    backward (``dx = dy W~``), never saved between them, so training holds no 16-bit copy of the weight. Dynamo
+    traces it (the dequantize is the custom op under compile)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, scale, zero, bias, l1, l2):
+        ctx.save_for_backward(packed, scale, zero)
+        ctx.tile = (l1, l2)
+        return torch.nn.functional.linear(x, dequantize_tiles_on_device(packed, scale, zero, (l1, l2), x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, scale, zero = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ dequantize_tiles_on_device(packed, scale, zero, ctx.tile, grad.dtype)
+        return grad_x, None, None, None, None, None, None
+
+
+def dequantized_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    tile: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, W~, bias)``, ``x: (..., D_in)`` in the output dtype, through :class:`_DequantizedLinear`
+    (the weight dequantized again for the input's gradient instead of saved); frozen ``scale``, ``zero``, ``bias``."""
+    return _DequantizedLinear.apply(x, packed, scale, zero, bias, tile[0], tile[1])
 
 
 class _InputGradLinear(torch.autograd.Function):

@@ -149,19 +149,51 @@ class _NF4Linear(torch.autograd.Function):
         return grad_x, None, None, grad_bias
 
 
+class _NF4LinearTraced(torch.autograd.Function):
+    """:class:`_NF4Linear` for ``torch.compile``: the state as tensors and sizes, the dequantize as the custom op
+    ``peft_balanced::nf4_dequantize`` in the forward and again in the backward. Dynamo traces this Function, so the
+    matmuls are in the graph and only the dequantize kernel is opaque (no weight is saved for the backward)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, code, absmax, absmax2, code2, offset, bias, blocksize, blocksize2, shape, dtype):
+        state = (code, absmax, absmax2, code2, offset)
+        weight = torch.ops.peft_balanced.nf4_dequantize(packed, *state, blocksize, blocksize2, shape, dtype)
+        ctx.save_for_backward(packed, *(t for t in state if t is not None))
+        ctx.sizes, ctx.nested, ctx.has_bias = (
+            (blocksize, blocksize2, shape, dtype),
+            absmax2 is not None,
+            bias is not None,
+        )
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        packed, code, absmax, *rest = ctx.saved_tensors
+        absmax2, code2, offset = rest if ctx.nested else (None, None, None)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = torch.ops.peft_balanced.nf4_dequantize(packed, code, absmax, absmax2, code2, offset, *ctx.sizes)
+            grad_x = grad_out @ weight.to(grad_out.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[7]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return (grad_x, *([None] * 6), grad_bias, None, None, None, None)
+
+
 def nf4_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Forward of a bitsandbytes ``Linear4bit`` NF4 ``module`` through :func:`nf4_dequantize` and cuBLAS.
 
     Mirrors ``Linear4bit.forward``: the input is cast to the layer's compute dtype and the output back to the input's.
-    Eager calls run an ``autograd.Function``; under ``torch.compile`` the custom op ``peft_balanced::nf4_linear``
-    (same math, the quantization state passed as tensors) keeps the graph whole.
+    Eager calls run an ``autograd.Function``; under ``torch.compile`` dynamo traces the same math, with the
+    dequantize kernel as the custom op ``peft_balanced::nf4_dequantize`` (an opaque ``dequantize + matmul`` op was
+    measured slower: its per-call host overhead; docs/benchmarks.md).
     """
     weight = module.weight
     compute_dtype = module.compute_dtype or x.dtype
     bias = module.bias.to(compute_dtype) if module.bias is not None else None
     if CUSTOM_OPS and torch.compiler.is_compiling():
-        out = torch.ops.peft_balanced.nf4_linear(
-            x.to(compute_dtype), weight.data, *_state_args(weight.quant_state), bias
+        code, absmax, absmax2, code2, offset, *sizes = _state_args(weight.quant_state)
+        out = _NF4LinearTraced.apply(
+            x.to(compute_dtype), weight.data, code, absmax, absmax2, code2, offset, bias, *sizes
         )
     else:
         out = _NF4Linear.apply(x.to(compute_dtype), weight.data, weight.quant_state, bias)
@@ -218,55 +250,10 @@ def _nf4_dequantize_fake(packed, code, absmax, absmax2, code2, offset, blocksize
     return packed.new_empty(shape, dtype=dtype)
 
 
-def _nf4_linear_op(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    code: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    blocksize: int,
-    blocksize2: int,
-    shape: list[int],
-    dtype: torch.dtype,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` with ``W`` the dequantized weight (rounded to ``dtype``, then to ``x``'s)."""
-    weight = _nf4_dequantize_op(packed, code, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
-    return F.linear(x, weight.to(x.dtype), bias)
-
-
-def _nf4_linear_fake(x, packed, code, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype, bias):
-    return x.new_empty((*x.shape[:-1], shape[0]))
-
-
-def _nf4_linear_setup(ctx, inputs, output):
-    x, packed, *state, bias = inputs
-    ctx.save_for_backward(packed, *(t for t in state[:5] if t is not None))
-    ctx.sizes, ctx.nested, ctx.has_bias = state[5:], state[2] is not None, bias is not None
-
-
-def _nf4_linear_backward(ctx, grad_out):
-    packed, code, absmax, *rest = ctx.saved_tensors
-    absmax2, code2, offset = rest if ctx.nested else (None, None, None)
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        weight = torch.ops.peft_balanced.nf4_dequantize(packed, code, absmax, absmax2, code2, offset, *ctx.sizes)
-        grad_x = grad_out @ weight.to(grad_out.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[11]:
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-    return (grad_x, *([None] * 10), grad_bias)
-
-
 if CUSTOM_OPS:
     _dequantize_op = define_custom_op("nf4_dequantize", _nf4_dequantize_op)
     if _dequantize_op is not None:
         _dequantize_op.register_fake(_nf4_dequantize_fake)
-    _linear_op = define_custom_op("nf4_linear", _nf4_linear_op)
-    if _linear_op is not None:
-        _linear_op.register_fake(_nf4_linear_fake)
-        _linear_op.register_autograd(_nf4_linear_backward, setup_context=_nf4_linear_setup)
 
 
 def uses_fast_nf4(module: nn.Module, x: torch.Tensor) -> bool:
