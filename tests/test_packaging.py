@@ -38,7 +38,8 @@ def test_torch_is_required_without_a_pin():
 def test_readme_setup_commands_install_the_cpu_torch_in_the_same_pip_call_as_the_package():
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     commands = [b for b in blocks if "python3 -m venv" in b]
-    assert commands and all(re.search(r"pip install -q torch==2\.13\.0 -e \"\.\[\w+\]\"", c) for c in commands)
+    pinned_install = r"pip install -q -c constraints\.txt torch==2\.13\.0 -e \"\.\[\w+\]\""
+    assert commands and all(re.search(pinned_install, c) for c in commands)
 
 
 def test_console_script_routes_the_sft_subcommand_to_trls_parser(capsys):
