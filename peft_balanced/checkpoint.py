@@ -190,10 +190,12 @@ class CheckedCheckpointMixin:
             for key, shape in shapes.items():
                 if marker in key and (len(shape) <= dim or shape[dim] != size):
                     fields = ", ".join(f"{f}={getattr(self, f)}" for f in ("r", "balance_factor") if hasattr(self, f))
+                    module = key.partition(marker)[0].removeprefix("base_model.model.")
                     raise ValueError(
                         f"The adapter weights {str(path)!r} do not match their config ({fields}, so dimension {dim} of "
-                        f"every '{marker}' tensor must be {size}): {key} has shape {shape}. The config was edited or "
-                        "belongs to another adapter; save the adapter again or restore its adapter_config.json."
+                        f"every '{marker}' tensor must be {size}): in module {module!r}, {key} has shape {shape}. The "
+                        "config was edited or belongs to another adapter; save the adapter again or restore its "
+                        "adapter_config.json."
                     )
 
     @classmethod

@@ -37,6 +37,11 @@ def _peft(config, quantize_tile=None):
     return get_peft_model(base, config)
 
 
+def _forward_q_proj(config, width, quantize_tile=None):
+    layer = _peft(config, quantize_tile).base_model.model.model.layers[0].self_attn.q_proj
+    return layer(torch.randn(2, 3, width))
+
+
 def _init_gradapprox(batches, **kwargs):
     model = _peft(GradApproxConfig(r=2, target_modules=["q_proj"]))
     init_gradapprox(model, batches, progress=False, **kwargs)
@@ -133,6 +138,25 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
      ["zero_dtype", "float64", "float16, bfloat16 or float32"]),
     ("int4-config-flag-string", lambda: TileInt4Config(skip_indivisible="no"), ValueError,
      ["TileInt4Config.skip_indivisible", "no", "True or False"]),
+    ("int4-model-skip-typo", lambda: quantize_model(tiny_llama(), skip_modules=["lm_head", "down_projj"]), ValueError,
+     ["skip_modules", "'down_projj'", "match no linear", "'down_proj'"]),
+    ("int4-model-no-linear", lambda: quantize_model(torch.nn.Sequential(torch.nn.Embedding(4, 8), torch.nn.ReLU())),
+     ValueError, ["no linear of Sequential", "torch.nn.Linear"]),
+    ("int4-model-already-quantized", lambda: quantize_model(quantize_model(tiny_llama()), tile=(8, 8)), ValueError,
+     ["already tile-INT4", "tile=(4, 8)", "asked for tile=(8, 8)", "16-bit model"]),
+    # --- unknown keywords: TypeError, as a dataclass gives
+    ("int4-config-unknown-field", lambda: TileInt4Config(tiles=(8, 8)), TypeError, ["'tiles'"]),
+    ("int4-config-other-method", lambda: TileInt4Config(quant_method="bitsandbytes"), ValueError,
+     ["TileInt4Config.quant_method", "'tile_int4'", "'bitsandbytes'"]),
+    ("blora-config-unknown-field", lambda: BLoRAConfig(balance_factr=2), TypeError, ["'balance_factr'"]),
+    ("qablora-config-unknown-field", lambda: QABLoRAConfig(tiles=(4, 8)), TypeError, ["'tiles'"]),
+    ("gradapprox-config-unknown-field", lambda: GradApproxConfig(inits="lora"), TypeError, ["'inits'"]),
+    # --- forward of an input whose width is not the adapted layer's in_features
+    ("blora-forward-wrong-width", lambda: _forward_q_proj(BLoRAConfig(target_modules=["q_proj"]), width=48),
+     ValueError, ["BLoRA module 'model.layers.0.self_attn.q_proj'", "in_features=64", "(2, 3, 48)"]),
+    ("qablora-forward-wrong-width",
+     lambda: _forward_q_proj(QABLoRAConfig(tile=(4, 8), target_modules=["q_proj"]), width=32, quantize_tile=(4, 8)),
+     ValueError, ["QA-BLoRA module 'model.layers.0.self_attn.q_proj'", "in_features=64", "(2, 3, 32)"]),
 ]  # fmt: skip
 
 
@@ -219,7 +243,8 @@ CHECKPOINT_CASES = [
     ("truncated-weights", _truncate, ValueError, ["truncated or corrupt", "save the adapter again"]),
     ("corrupt-header", _corrupt_header, ValueError, ["truncated or corrupt", "save the adapter again"]),
     ("config-lambda-differs-from-weights", _other_lambda, ValueError,
-     ["balance_factor=4", "must be 16", "has shape (8, 32)", "restore its adapter_config.json"]),
+     ["balance_factor=4", "must be 16", "in module 'model.layers.0.self_attn.q_proj'", "has shape (8, 32)",
+      "restore its adapter_config.json"]),
     ("invalid-json-config", _invalid_json, ValueError, ["not valid JSON", "save the adapter again"]),
     ("unknown-peft-type", _unknown_type, ValueError, ["unknown peft_type 'WOBBLE'", "BLORA", "LORA"]),
     ("fractional-lambda-in-file", _fractional_lambda_in_file, ValueError,
@@ -307,6 +332,8 @@ GGUF_CASES = [
     ("gguf-adapter-attached", lambda p: export_gguf(
         get_peft_model(_tile_int4_llama(), QABLoRAConfig(tile=(32, 1), target_modules=["q_proj"])), None, p),
      ValueError, ["q_proj", "merge_and_unload()"]),
+    ("gguf-not-quantized", lambda p: export_gguf(tiny_llama(), None, p), ValueError,
+     ["no tile-INT4 layer", "quantize_model(model, tile=(32, 1)", "allow_float=True"]),
     ("gguf-missing-folder", lambda p: export_gguf(_tile_int4_llama(), None, p.parent / "nope" / "m.gguf"),
      FileNotFoundError, ["nope", "does not exist"]),
 ]  # fmt: skip

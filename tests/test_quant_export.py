@@ -238,6 +238,13 @@ def test_fp32_zero_points_not_exact_in_fp16_are_rejected_not_rounded(tmp_path):
     assert files_in(tmp_path) == []
 
 
+def test_model_without_tile_int4_layers_is_written_as_float_only_when_asked(tmp_path, input_ids):
+    model = tiny_llama()
+    path = export_gguf(model, None, tmp_path / "float.gguf", allow_float=True)
+    assert {t.tensor_type for t in gguf.GGUFReader(path).tensors} == {gguf.GGMLQuantizationType.F32}
+    torch.testing.assert_close(logits(load_gguf(path), input_ids), logits(model, input_ids), rtol=1e-5, atol=1e-5)
+
+
 def test_fp32_buffers_holding_fp16_values_are_exported(tmp_path, input_ids):
     model = q4_1_llama()
     layer = model.model.layers[0].mlp.up_proj

@@ -109,6 +109,13 @@ def test_quantizer_element_size_counts_scale_and_zero_bits(zero_dtype, bits):
     assert quantizer.quantized_element_size == bits / 8
 
 
+def test_config_saved_by_a_newer_version_loads_with_a_warning_naming_the_unknown_fields():
+    newer = {"quant_method": "tile_int4", "tile": [4, 8], "zero_dtype": "float32", "packing": "v2"}
+    with pytest.warns(UserWarning, match=r"ignoring fields \['packing'\]"):
+        config = hf_auto.AutoQuantizationConfig.from_dict(newer)
+    assert config.tile == (4, 8) and not hasattr(config, "packing")
+
+
 def test_config_rejects_bad_tile():
     with pytest.raises(ValueError, match="l2 .*positive int"):
         TileInt4Config(tile=(4, 0))
@@ -270,3 +277,20 @@ def test_tied_lm_head_is_never_quantized(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=TileInt4Config(skip_modules=[]))
     assert type(loaded.lm_head) is nn.Linear and loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert type(quantize_model(model, skip_modules=()).lm_head) is nn.Linear
+
+
+def test_skip_modules_entry_matching_no_linear_is_refused_on_load(fp_dir):
+    with pytest.raises(ValueError, match=r"skip_modules entries \['down_projj'\] match no linear"):
+        AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=TileInt4Config(skip_modules=["down_projj"]))
+
+
+def test_checkpoint_whose_config_tile_disagrees_with_its_tensors_names_both_tiles(q_dir, tmp_path):
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(q_dir, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["quantization_config"]["tile"] = [8, 8]
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"says tile=\(8, 8\).*'model.layers.0.self_attn.q_proj'.*is tile=\(4, 8\)"):
+        AutoModelForCausalLM.from_pretrained(edited)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -22,7 +23,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .._compat import ConversionOps, HfQuantizer, assign_is_quantized, get_module_from_name
 from ..utils import linear_from_weight, set_submodule
 from .linear import TileInt4Linear
-from .select import iter_quantizable_linears
+from .select import check_skip_modules_match, iter_quantizable_linears
 from .spec import TileInt4Spec
 from .tile_int4 import DEFAULT_ZERO_DTYPE, check_flag, dtype_name, quantize_tiles
 
@@ -58,11 +59,10 @@ class TileInt4Config(QuantizationConfigMixin):
         scale_dtype: str | torch.dtype = "float16",
         skip_indivisible: bool = False,
         zero_dtype: str | torch.dtype | None = DEFAULT_ZERO_DTYPE,
-        **kwargs: Any,
+        quant_method: str = QUANT_METHOD,
     ) -> None:
-        kwargs.pop("quant_method", None)
-        if kwargs:
-            warnings.warn(f"TileInt4Config: ignoring unknown fields {sorted(kwargs)}", stacklevel=2)
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"TileInt4Config.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
         self.quant_method = QUANT_METHOD
         check_flag("TileInt4Config.skip_indivisible", skip_indivisible)
         spec = TileInt4Spec(tile, scale_dtype, zero_dtype, skip_modules, skip_indivisible)
@@ -85,8 +85,17 @@ class TileInt4Config(QuantizationConfigMixin):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
         """As transformers', except that a dict without ``zero_dtype`` (saved before the field existed, when the
-        zero points were stored in the scale's dtype) means ``zero_dtype=None``."""
-        config_dict = {"zero_dtype": None, **config_dict}
+        zero points were stored in the scale's dtype) means ``zero_dtype=None``, and fields this version does not
+        know (saved by a newer one) are dropped with a warning; a misspelled keyword to ``__init__`` raises."""
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            warnings.warn(
+                f"TileInt4Config: ignoring fields {unknown} of a saved quantization_config (written by a newer "
+                f"peft-balanced?); this version knows {sorted(known)}",
+                stacklevel=2,
+            )
+        config_dict = {"zero_dtype": None, **{k: v for k, v in config_dict.items() if k in known}}
         return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @property
@@ -136,17 +145,44 @@ class TileInt4Quantize(ConversionOps):
         return out
 
 
-def _checkpoint_quantized_modules(checkpoint_files: list[str] | None) -> set[str] | None:
-    """Names of the modules with a ``qweight`` in safetensors ``checkpoint_files``; ``None`` if not readable."""
+def _checkpoint_scale_shapes(checkpoint_files: list[str] | None) -> dict[str, tuple[int, ...]] | None:
+    """``{module name: shape of its scale}`` for the modules with a ``qweight`` in safetensors ``checkpoint_files``;
+    ``None`` if not readable."""
     if not checkpoint_files or not all(str(f).endswith(".safetensors") for f in checkpoint_files):
         return None
     from safetensors import safe_open
 
-    names = set()
+    shapes: dict[str, tuple[int, ...]] = {}
     for file in checkpoint_files:
         with safe_open(str(file), framework="pt") as handle:
-            names.update(k.removesuffix(".qweight") for k in handle.keys() if k.endswith(".qweight"))
-    return names
+            keys = set(handle.keys())
+            for key in keys:
+                if key.endswith(".qweight"):
+                    name = key.removesuffix(".qweight")
+                    scale = f"{name}.scale"
+                    shapes[name] = tuple(handle.get_slice(scale).get_shape()) if scale in keys else ()
+    return shapes
+
+
+def _check_checkpoint_tile(linear: nn.Module, name: str, scale_shape: tuple[int, ...], tile: tuple[int, int]) -> None:
+    """Raise a ``ValueError`` naming both tiles if the checkpoint's scale of module ``name`` is not the ``tile`` grid
+    that ``config.json`` says (transformers would report a bare size mismatch)."""
+    l1, l2 = tile
+    expected = (linear.out_features // l2, linear.in_features // l1)
+    if not scale_shape or tuple(scale_shape) == expected:
+        return
+    rows, cols = scale_shape
+    found = (
+        f"tile=({linear.in_features // cols}, {linear.out_features // rows})"
+        if rows and cols and linear.out_features % rows == 0 and linear.in_features % cols == 0
+        else "no tile of this layer"
+    )
+    raise ValueError(
+        f"tile_int4 checkpoint: config.json's quantization_config says tile={tile}, but the tensors of {name!r} "
+        f"({linear.in_features} -> {linear.out_features} features) have a scale of shape {tuple(scale_shape)}, which "
+        f"is {found}; expected {expected}. The config.json was edited or belongs to another checkpoint: restore it, "
+        "or save the model again."
+    )
 
 
 def tied_module_names(model: nn.Module) -> list[str]:
@@ -156,8 +192,10 @@ def tied_module_names(model: nn.Module) -> list[str]:
     return sorted(k.removesuffix(".weight") for k in keys)
 
 
-def _strip_prefix_match(name: str, names: set[str], prefix: str) -> bool:
-    return name in names or (bool(prefix) and name.removeprefix(prefix + ".") in names) or f"{prefix}.{name}" in names
+def _checkpoint_name(name: str, names: Iterable[str], prefix: str) -> str | None:
+    """The name module ``name`` has among the checkpoint's ``names`` (with or without the model's ``prefix``)."""
+    candidates = (name, name.removeprefix(prefix + ".") if prefix else name, f"{prefix}.{name}")
+    return next((candidate for candidate in candidates if candidate in names), None)
 
 
 class TileInt4HfQuantizer(HfQuantizer):
@@ -174,18 +212,20 @@ class TileInt4HfQuantizer(HfQuantizer):
         spec = self.quantization_config.spec
         selected = None
         if self.pre_quantized:
-            in_checkpoint = _checkpoint_quantized_modules(checkpoint_files)
-            if in_checkpoint is not None:
+            scale_shapes = _checkpoint_scale_shapes(checkpoint_files)
+            if scale_shapes is not None:
                 prefix = getattr(model, "base_model_prefix", "")
                 every_fitting = dataclasses.replace(spec, skip_modules=(), skip_indivisible=True)
-                selected = [
-                    (name, module)
-                    for name, module in iter_quantizable_linears(model, every_fitting)
-                    if _strip_prefix_match(name, in_checkpoint, prefix)
-                ]
-                if in_checkpoint and not selected:  # checkpoint keys are renamed on load: use the config's rule
+                selected = []
+                for name, linear in iter_quantizable_linears(model, every_fitting):
+                    key = _checkpoint_name(name, scale_shapes, prefix)
+                    if key is not None:
+                        _check_checkpoint_tile(linear, name, scale_shapes[key], spec.tile)
+                        selected.append((name, linear))
+                if scale_shapes and not selected:  # checkpoint keys are renamed on load: use the config's rule
                     selected = None
         if selected is None:
+            check_skip_modules_match(model, spec.skip_modules, default=("lm_head",))
             also_skip = list(getattr(model, "_keep_in_fp32_modules", None) or []) + tied_module_names(model)
             selected = list(iter_quantizable_linears(model, spec, also_skip))
         for name, linear in selected:

@@ -10,7 +10,7 @@ from torch import nn
 from ..utils import set_submodule
 from .hf import attach_quantization_config, tied_module_names
 from .linear import TileInt4Linear
-from .select import iter_quantizable_linears
+from .select import check_skip_modules_match, iter_quantizable_linears
 from .spec import TileInt4Spec, resolve_spec
 from .tile_int4 import DEFAULT_ZERO_DTYPE
 
@@ -52,10 +52,31 @@ def quantize_model(
     """
     loose = {"scale_dtype": scale_dtype, "zero_dtype": zero_dtype, "skip_modules": skip_modules}
     spec = resolve_spec(tile, _LOOSE_DEFAULTS, **loose, skip_indivisible=skip_indivisible)
-    targets = list(iter_quantizable_linears(model, spec, also_skip=tied_module_names(model)))
-    if not targets and isinstance(model, nn.Linear):
+    if isinstance(model, nn.Linear):
         raise ValueError("quantize_model expects a model containing linears; use TileInt4Linear.from_linear")
+    _refuse_quantized(model, spec)
+    check_skip_modules_match(model, spec.skip_modules, default=_LOOSE_DEFAULTS["skip_modules"])
+    targets = list(iter_quantizable_linears(model, spec, also_skip=tied_module_names(model)))
+    if not targets:
+        raise ValueError(
+            f"quantize_model found no linear of {type(model).__name__} to quantize with tile={spec.tile} "
+            f"(skip_modules={list(spec.skip_modules)}, skip_indivisible={spec.skip_indivisible}): it needs a model "
+            "with torch.nn.Linear layers holding 16- or 32-bit float weights"
+        )
     for name, linear in targets:
         set_submodule(model, name, TileInt4Linear.from_linear(linear, spec, name=name))
     attach_quantization_config(model, spec)
     return model
+
+
+def _refuse_quantized(model: nn.Module, spec: TileInt4Spec) -> None:
+    """Raise if ``model`` already holds tile-INT4 layers: re-quantizing would leave them at their old tile while the
+    model's ``quantization_config`` said ``spec``."""
+    quantized = [(name, module) for name, module in model.named_modules() if isinstance(module, TileInt4Linear)]
+    if quantized:
+        name, module = quantized[0]
+        raise ValueError(
+            f"quantize_model: {type(model).__name__} is already tile-INT4 ({len(quantized)} layers, e.g. {name!r} "
+            f"with tile={module.tile}); asked for tile={spec.tile}. Quantize the 16-bit model instead (reload it, "
+            "or dequantize it first with model.dequantize())"
+        )

@@ -11,7 +11,7 @@ from torch import nn
 from .spec import TileInt4Spec
 from .tile_int4 import check_tile_shape
 
-__all__ = ["iter_quantizable_linears"]
+__all__ = ["check_skip_modules_match", "iter_quantizable_linears"]
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
@@ -49,3 +49,21 @@ def iter_quantizable_linears(
             raise ValueError(f"{err}. Add it to skip_modules or pass skip_indivisible=True.") from None
         selected.append((name, module))
     yield from selected
+
+
+def check_skip_modules_match(model: nn.Module, skip_modules: Iterable[str], default: Iterable[str] = ()) -> None:
+    """Raise a ``ValueError`` for an entry of ``skip_modules`` that matches no linear of ``model`` (a typo would
+    otherwise quantize the module the user meant to keep). Entries of ``default`` (e.g. ``"lm_head"``, which not
+    every model has) are exempt."""
+    linear_names = [name for name, module in model.named_modules() if _is_plain_linear(module)]
+    unmatched = [p for p in skip_modules if p not in tuple(default) and not _matches_any(linear_names, p)]
+    if unmatched:
+        suffixes = sorted({name.rpartition(".")[2] for name in linear_names})
+        raise ValueError(
+            f"skip_modules entries {unmatched} match no linear of {type(model).__name__}; an entry names a linear "
+            f"by its full name or a dotted suffix of it, e.g. {suffixes[:8]}"
+        )
+
+
+def _matches_any(names: Iterable[str], pattern: str) -> bool:
+    return any(_matches(name, [pattern]) for name in names)

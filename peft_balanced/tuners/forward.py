@@ -64,6 +64,11 @@ class AdditiveAdapterForward:
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self.method_name} module {self.module_name or type(self).__name__!r} takes inputs whose last "
+                f"dimension is its in_features={self.in_features}; got an input of shape {tuple(x.shape)}"
+            )
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

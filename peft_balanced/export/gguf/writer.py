@@ -248,6 +248,7 @@ def export_gguf(
     overwrite: bool = False,
     name: str | None = None,
     pre_tokenizer: str | None = None,
+    allow_float: bool = False,
 ) -> Path:
     """Write ``model`` (a Llama ``*ForCausalLM`` with ``TileInt4Linear`` projections) to the GGUF file ``path``.
 
@@ -266,6 +267,8 @@ def export_gguf(
         overwrite: replace an existing file (otherwise ``FileExistsError``).
         name: ``general.name`` (default: the model's ``name_or_path``).
         pre_tokenizer: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``) when it cannot be inferred.
+        allow_float: write a model without ``TileInt4Linear`` layers as an all-float GGUF (otherwise ``ValueError``:
+            such a file is as large as the 16-bit model, rarely what an export to 4 bits meant).
 
     Returns:
         The path written.
@@ -280,6 +283,12 @@ def export_gguf(
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {path.parent} does not exist")
     tensors, any_q4_1 = _llama_tensors(gguf, model, config)
+    if not any_q4_1 and not allow_float:
+        raise ValueError(
+            f"export_gguf: {type(model).__name__} has no tile-INT4 layer, so the GGUF would hold float tensors only. "
+            "Quantize it first, in the GGUF Q4_1 layout: quantize_model(model, tile=(32, 1), scale_dtype='float16', "
+            "zero_dtype='float16'); or pass allow_float=True to write a float GGUF."
+        )
 
     # A fresh name in the same folder (so the final rename is atomic), created by the writer under the user's umask.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
