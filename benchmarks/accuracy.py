@@ -8,7 +8,7 @@
 A job is one (method group, seed, lr, steps, recipe); ``--parallel N`` runs N at once as worker processes on one GPU
 (accuracy_parallel.py; default: as many as GPU memory and CPU cores allow). ``--select-n`` train examples per task
 are held out of training; the report picks each method's lr on them (accuracy_report.py) and reports dev.
-benchmarks/device_accuracy.sh holds the GPU calls of docs/accuracy.md.
+docs/accuracy.md lists the calls behind its tables.
 
 Each (method, seed) trains a rank-``--r`` adapter on the 7 Llama projections with a plain loop (AdamW, ``--lr``,
 linear warm-up then linear decay, batch ``--batch-size``, ``--steps`` steps, gradient clipping 1.0) on the mixed
