@@ -78,7 +78,7 @@ DEFAULT_RATES = {
 def eval_tokens(bench: Bench) -> tuple[int, int]:
     """Tokens and scoring batches of one dev evaluation (every choice of every example)."""
     if "eval_tokens" not in bench.meta:
-        from peft_balanced.data import tokenize_choice
+        from peft_balanced.demo.data import tokenize_choice
 
         lengths = [
             len(tokenize_choice(bench.tokenizer, row["prompt"], choice)["input_ids"])
@@ -336,7 +336,7 @@ def load_bench(args, parser, settings: Settings, limits: dict, log) -> Bench:
     import torch
 
     try:
-        from peft_balanced.data import default_bigbench_root
+        from peft_balanced.demo.data import default_bigbench_root
 
         root = args.data or default_bigbench_root()
         if root is None:
@@ -350,7 +350,7 @@ def load_bench(args, parser, settings: Settings, limits: dict, log) -> Bench:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-    from peft_balanced.models import default_gguf_path, load_default_model
+    from peft_balanced.demo.models import default_gguf_path, load_default_model
 
     gguf = pathlib.Path(args.gguf) if args.gguf else default_gguf_path()
     log(f"loading SmolLM2-135M-Instruct from {gguf} ...")

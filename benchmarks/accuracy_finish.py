@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import peft_balanced
-from peft_balanced.models import LLAMA_PROJECTIONS, quantize_linear_nf4
+from peft_balanced.demo.models import LLAMA_PROJECTIONS, quantize_linear_nf4
 
 
 def save_dir(out: pathlib.Path, name: str) -> pathlib.Path:
@@ -94,7 +94,7 @@ def finish(method, peft_model: nn.Module, bench, directory: pathlib.Path | None)
         quantize_linear_nf4(dense, compute_dtype=s.torch_dtype, double_quant=True)
         return dense
     if method.finish == "requant_nf4":
-        from peft_balanced.cli import merge_to_dense
+        from peft_balanced.demo.cli import merge_to_dense
 
         merged = merge_to_dense(peft_model, dtype=s.torch_dtype)
         quantize_linear_nf4(merged, compute_dtype=s.torch_dtype, double_quant=True)

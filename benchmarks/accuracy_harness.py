@@ -4,8 +4,8 @@ Kept apart from the command line so that a test can run the harness on a tiny mo
 
 Precision: on CUDA the base model's dense weights are bf16 and NF4 / INT4 bases compute in bf16; adapter weights
 stay float32 (peft's ``autocast_adapter_dtype``); no autocast. On CPU everything is float32.
-Training data: prompt + correct choice, tokenized exactly as :func:`peft_balanced.data.choice_accuracy` scores it
-(:func:`peft_balanced.data.tokenize_choice`), loss on the answer tokens only, no end-of-sequence token.
+Training data: prompt + correct choice, tokenized exactly as :func:`peft_balanced.demo.data.choice_accuracy` scores it
+(:func:`peft_balanced.demo.data.tokenize_choice`), loss on the answer tokens only, no end-of-sequence token.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from accuracy_finish import append_record, finish, save_atomically, save_dir  # 
 from torch import nn
 
 import peft_balanced
-from peft_balanced import data
-from peft_balanced.models import LLAMA_PROJECTIONS, quantize_linear_nf4
+from peft_balanced.demo import data
+from peft_balanced.demo.models import LLAMA_PROJECTIONS, quantize_linear_nf4
 
 
 @dataclass(frozen=True)

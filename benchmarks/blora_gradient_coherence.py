@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = parser.parse_args(argv)
 
-    from peft_balanced import data
-    from peft_balanced.models import load_default_model
+    from peft_balanced.demo import data
+    from peft_balanced.demo.models import load_default_model
 
     root = args.data or data.default_bigbench_root()
     train, _ = harness.load_tasks(root, args.tasks.split(","), dev_limit=1)

@@ -33,8 +33,8 @@ import torch
 from peft import get_peft_model
 
 from peft_balanced import GradApproxConfig, GradientApproximation, load_default_model
-from peft_balanced.data import completion_loss, default_bigbench_root
-from peft_balanced.models import LLAMA_PROJECTIONS
+from peft_balanced.demo.data import completion_loss, default_bigbench_root
+from peft_balanced.demo.models import LLAMA_PROJECTIONS
 
 
 def timed(device: str, fn) -> float:

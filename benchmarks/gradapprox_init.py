@@ -21,7 +21,7 @@ import torch
 from peft import get_peft_model
 
 from peft_balanced import GradApproxConfig, init_gradapprox, load_default_model
-from peft_balanced.models import LLAMA_PROJECTIONS
+from peft_balanced.demo.models import LLAMA_PROJECTIONS
 from peft_balanced.tuners.gradapprox import GradApproxLinear
 
 

@@ -29,7 +29,7 @@ import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 import peft_balanced
-from peft_balanced.data import completion_loss, format_prompt, make_batch, make_splits
+from peft_balanced.demo.data import completion_loss, format_prompt, make_batch, make_splits
 from peft_balanced.quant import TileInt4Linear, quantize_model
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -37,7 +37,7 @@ from peft import LoraConfig, get_peft_model
 from speed_report import markdown_table  # benchmarks/speed_report.py, beside this script
 
 import peft_balanced
-from peft_balanced.models import LLAMA_PROJECTIONS, quantize_linear_nf4
+from peft_balanced.demo.models import LLAMA_PROJECTIONS, quantize_linear_nf4
 
 COMPILE_SETTINGS = ("off", "default", "reduce-overhead")
 METHODS = ("lora", "qlora", "blora", "qblora", "qblora_bnb", "qablora", "qlora_match", "gradapprox")
@@ -270,9 +270,7 @@ def own_resident(trainee: Trainee, trainees: list[Trainee]) -> int:
 
 def profile_step(model, optimizer, batch, label: str, args) -> float:
     """Profile one training step; append the top kernels to ``profile.txt``; return the summed kernel time (s)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from torch.profiler import schedule
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     sync()

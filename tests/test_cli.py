@@ -12,7 +12,7 @@ from tiny_demo import use_tiny_demo_model
 from torch import nn
 
 import peft_balanced
-from peft_balanced import cli, models
+from peft_balanced.demo import cli, models
 
 
 @pytest.fixture

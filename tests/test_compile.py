@@ -20,7 +20,7 @@ def adapted(method: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
         peft_balanced.quantize_model(base, tile=(4, 8))
         config = peft_balanced.QABLoRAConfig(tile=(4, 8), target_modules=LLAMA_TARGETS, init_weights=False)
     elif method == "qblora":
-        from peft_balanced.models import quantize_linear_nf4
+        from peft_balanced.demo.models import quantize_linear_nf4
 
         quantize_linear_nf4(base, compute_dtype=dtype, double_quant=True)
         config = peft_balanced.BLoRAConfig(r=4, balance_factor=2, target_modules=LLAMA_TARGETS, init_weights=False)

@@ -15,7 +15,7 @@ from peft import PeftModel, get_peft_model
 from tiny import LLAMA_TARGETS, tiny_llama
 
 from peft_balanced import BLoRAConfig, GradApproxConfig, QABLoRAConfig
-from peft_balanced.models import quantize_linear_nf4
+from peft_balanced.demo.models import quantize_linear_nf4
 from peft_balanced.quant import quantize_model
 
 

