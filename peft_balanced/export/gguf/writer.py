@@ -16,7 +16,6 @@ gets F32 embeddings / ``lm_head``: larger than F16, but the round trip is lossle
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...checkpoint import atomic_write
 from ...quant.linear import TileInt4Linear
 from ...quant.tile_int4 import dtype_name, unpack_int4
 from .vocab import write_tokenizer
@@ -290,45 +290,24 @@ def export_gguf(
             "zero_dtype='float16'); or pass allow_float=True to write a float GGUF."
         )
 
-    # A fresh name in the same folder (so the final rename is atomic), created by the writer under the user's umask.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    writer = None
-    try:
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or Path(str(getattr(config, "name_or_path", "") or "model")).name or "model")
-        _write_llama_config(writer, config)
-        if tokenizer is not None:
-            write_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
-        file_type = gguf.LlamaFileType.MOSTLY_Q4_1 if any_q4_1 else gguf.LlamaFileType.ALL_F32
-        writer.add_file_type(file_type)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for tensor_name, data, ggml_type in tensors:
-            writer.add_tensor(tensor_name, data, raw_dtype=ggml_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        _publish(tmp, path, overwrite)
-    finally:
-        if writer is not None:
+        try:
+            writer.add_type(gguf.GGUFType.MODEL)
+            writer.add_name(name or Path(str(getattr(config, "name_or_path", "") or "model")).name or "model")
+            _write_llama_config(writer, config)
+            if tokenizer is not None:
+                write_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
+            file_type = gguf.LlamaFileType.MOSTLY_Q4_1 if any_q4_1 else gguf.LlamaFileType.ALL_F32
+            writer.add_file_type(file_type)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            for tensor_name, data, ggml_type in tensors:
+                writer.add_tensor(tensor_name, data, raw_dtype=ggml_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
             writer.close()
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write, overwrite=overwrite)
     return path
-
-
-def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` to ``path`` atomically; without ``overwrite`` never replace an existing file."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # atomic and fails if `path` appeared meanwhile
-    except FileExistsError:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
-    except OSError:  # a filesystem without hard links
-        if path.exists():
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
-        os.replace(tmp, path)
