@@ -147,8 +147,9 @@ def add_balanced_adapter(
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
-# torch.library custom ops (torch >= 2.4) are opaque to torch.compile: a fake (meta) function gives output shapes.
-# The quantized layers' kernels use them (quant/kernels), so dynamo never traces the building of a Triton kernel.
+# The quantized layers' Triton kernels are torch.library ops (quant/kernels): dynamo records the op and never traces the
+# building of a kernel; with ``triton_op`` (torch >= 2.6) inductor then traces the op's body and launches the kernel
+# from its own generated code.
 CUSTOM_OPS = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd")
 
 
@@ -160,8 +161,13 @@ def _registered(name: str) -> bool:
     return True
 
 
-def define_custom_op(name: str, function, mutates_args=()):
-    """``torch.library.custom_op("peft_balanced::<name>")`` once per process (a module reload keeps the first)."""
+TRITON_OPS = CUSTOM_OPS and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+def define_triton_op(name: str, function):
+    """``torch.library.triton_op("peft_balanced::<name>")`` once per process: a custom op whose body inductor traces,
+    so compiled code launches its Triton kernel directly (no per-call Python dispatch; the body must launch its
+    kernels through ``torch.library.wrap_triton``). The body is also the op's fake implementation."""
     if _registered(name):
         return None
-    return torch.library.custom_op(f"peft_balanced::{name}", function, mutates_args=mutates_args)
+    return torch.library.triton_op(f"peft_balanced::{name}", function, mutates_args=())

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from ...ops import CUSTOM_OPS, define_custom_op
+from ...ops import TRITON_OPS, define_triton_op
 from ..tile_int4 import dequantize_tiles
 
 __all__ = ["dequantize_tiles_on_device", "dequantized_linear", "triton_dequantize_tiles"]
@@ -25,6 +25,7 @@ __all__ = ["dequantize_tiles_on_device", "dequantized_linear", "triton_dequantiz
 def _build_kernel():  # pragma: no cover - needs CUDA
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     @triton.jit
     def dequant_kernel(
@@ -53,7 +54,7 @@ def _build_kernel():  # pragma: no cover - needs CUDA
         tile_idx = (rows // L2)[:, None] * n_tiles_in + (in_cols // L1)[None, :]
         scale = tl.load(s_ptr + tile_idx, mask=mask, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + tile_idx, mask=mask, other=0.0).to(tl.float32)
-        weight = codes * scale + zero
+        weight = libdevice.mul_rn(codes, scale) + zero  # mul_rn: never contracted into an FMA
         out = out_ptr + rows[:, None] * (2 * half_in) + in_cols[None, :]
         tl.store(out, weight.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -91,7 +92,7 @@ def _build_kernel():  # pragma: no cover - needs CUDA
         packed = packed.to(tl.int32)
         codes = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_R, BLOCK_T, L1))  # low nibble = even column
         codes = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact int -> float, no I2F
-        weight = codes * scale.to(tl.float32)[:, :, None] + zero.to(tl.float32)[:, :, None]
+        weight = libdevice.mul_rn(codes, scale.to(tl.float32)[:, :, None]) + zero.to(tl.float32)[:, :, None]
         weight = tl.reshape(weight, (BLOCK_R, BLOCK_T * L1)).to(out_ptr.dtype.element_ty)
         cols = tl.program_id(1) * (BLOCK_T * L1) + tl.arange(0, BLOCK_T * L1)
         out = out_ptr + rows[:, None] * (n_tiles_in * L1) + cols[None, :]
@@ -109,8 +110,10 @@ def triton_dequantize_tiles(
     zero: torch.Tensor,
     tile: tuple[int, int],
     out_dtype: torch.dtype,
+    traced: bool = False,
 ) -> torch.Tensor:  # pragma: no cover - needs CUDA
-    """Triton version of ``dequantize_tiles`` (same arguments and result); falls back to torch when not applicable."""
+    """Triton version of ``dequantize_tiles`` (same arguments and result); falls back to torch when not applicable.
+    ``traced``: launch through ``torch.library.wrap_triton`` (the body of ``peft_balanced::tile_int4_dequantize``)."""
     usable = (
         packed.is_cuda
         and scale.device == packed.device
@@ -124,6 +127,8 @@ def triton_dequantize_tiles(
     d_out, half_in = packed.shape
     out = torch.empty(d_out, 2 * half_in, dtype=out_dtype, device=packed.device)
     triton, kernel, tiles_kernel = _build_kernel()
+    if traced:
+        kernel, tiles_kernel = torch.library.wrap_triton(kernel), torch.library.wrap_triton(tiles_kernel)
     if l1 % 2 == 0 and l1 & (l1 - 1) == 0 and l1 <= 64:
         n_tiles_in = (2 * half_in) // l1
         block_r, block_t = 8, max(512 // l1, 1)  # best of 8 shapes on an H100
@@ -141,7 +146,6 @@ def triton_dequantize_tiles(
             BLOCK_T=block_t,
             EVEN=d_out % block_r == 0 and n_tiles_in % block_t == 0,
             num_warps=4,
-            enable_fp_fusion=False,
         )
         return out
     block_r, block_c = 16, 128  # measured best of 7 shapes on an H200 (4096x4096: 28 us vs 240 us for torch)
@@ -159,7 +163,6 @@ def triton_dequantize_tiles(
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=4,
-        enable_fp_fusion=False,
     )
     return out
 
@@ -167,9 +170,9 @@ def triton_dequantize_tiles(
 def dequantize_tiles_on_device(
     packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, tile: tuple[int, int], out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """:func:`triton_dequantize_tiles`; under ``torch.compile`` the custom op ``peft_balanced::tile_int4_dequantize``
-    (same kernel, opaque to dynamo, so the graph does not break on building the kernel)."""
-    traced = CUSTOM_OPS and torch.compiler.is_compiling() and not (scale.requires_grad or zero.requires_grad)
+    """:func:`triton_dequantize_tiles`; under ``torch.compile`` the Triton op ``peft_balanced::tile_int4_dequantize``
+    (dynamo records the op without tracing the building of the kernel; inductor launches the kernel itself)."""
+    traced = TRITON_OPS and torch.compiler.is_compiling() and not (scale.requires_grad or zero.requires_grad)
     if traced:
         return torch.ops.peft_balanced.tile_int4_dequantize(packed, scale, zero, tile[0], tile[1], out_dtype)
     return triton_dequantize_tiles(packed, scale, zero, tile, out_dtype)
@@ -179,17 +182,11 @@ def _tile_int4_dequantize_op(
     packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, l1: int, l2: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """:func:`triton_dequantize_tiles` with the tile as two ints: ``(D_out, D_in)`` in ``out_dtype``."""
-    return triton_dequantize_tiles(packed, scale, zero, (l1, l2), out_dtype)
+    return triton_dequantize_tiles(packed, scale, zero, (l1, l2), out_dtype, traced=True)
 
 
-def _tile_int4_dequantize_fake(packed, scale, zero, l1, l2, out_dtype):
-    return packed.new_empty((packed.shape[0], 2 * packed.shape[1]), dtype=out_dtype)
-
-
-if CUSTOM_OPS:
-    _dequantize_op = define_custom_op("tile_int4_dequantize", _tile_int4_dequantize_op)
-    if _dequantize_op is not None:
-        _dequantize_op.register_fake(_tile_int4_dequantize_fake)
+if TRITON_OPS:
+    define_triton_op("tile_int4_dequantize", _tile_int4_dequantize_op)
 
 
 class _DequantizedLinear(torch.autograd.Function):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...ops import CUSTOM_OPS, define_custom_op
+from ...ops import TRITON_OPS, define_triton_op
 from ...settings import fast_nf4_allowed
 from .support import triton_available
 
@@ -53,6 +53,7 @@ def nf4_dequantize_reference(packed: torch.Tensor, quant_state: Any, dtype: torc
 def _build_kernel():  # pragma: no cover - needs CUDA
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     @triton.jit
     def nf4_dequant_kernel(
@@ -75,8 +76,10 @@ def _build_kernel():  # pragma: no cover - needs CUDA
         block_ok = blocks < n_blocks
         if NESTED:
             code_a = tl.load(absmax_ptr + blocks, mask=block_ok, other=0).to(tl.int32)
-            scale = tl.load(code2_ptr + code_a, mask=block_ok, other=0.0) * tl.load(
-                absmax2_ptr + blocks // BLOCKSIZE2, mask=block_ok, other=0.0
+            # mul_rn is never contracted with the add into an FMA: two roundings, as bitsandbytes' two kernels
+            scale = libdevice.mul_rn(
+                tl.load(code2_ptr + code_a, mask=block_ok, other=0.0),
+                tl.load(absmax2_ptr + blocks // BLOCKSIZE2, mask=block_ok, other=0.0),
             )
             scale = scale + tl.load(offset_ptr)
         else:
@@ -93,10 +96,13 @@ def _build_kernel():  # pragma: no cover - needs CUDA
     return triton, nf4_dequant_kernel
 
 
-def nf4_dequantize(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+def nf4_dequantize(
+    packed: torch.Tensor, quant_state: Any, dtype: torch.dtype | None = None, traced: bool = False
+) -> torch.Tensor:
     """Dequantize a bitsandbytes NF4 weight to ``quant_state.shape`` in ``dtype`` (default: its original dtype).
 
-    One Triton kernel on CUDA, the torch reference elsewhere; both bit-identical to bitsandbytes.
+    One Triton kernel on CUDA, the torch reference elsewhere; both bit-identical to bitsandbytes. ``traced``: the
+    kernel is launched through ``torch.library.wrap_triton`` (the body of the ``peft_balanced::nf4_dequantize`` op).
     """
     dtype = dtype or quant_state.dtype
     blocksize = quant_state.blocksize
@@ -109,7 +115,8 @@ def nf4_dequantize(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype | 
     nested = bool(quant_state.nested)
     state2 = quant_state.state2 if nested else None
     per_program = max(1, 4096 // blocksize)
-    kernel[(triton.cdiv(n_blocks, per_program),)](
+    launch = torch.library.wrap_triton(kernel) if traced else kernel
+    launch[(triton.cdiv(n_blocks, per_program),)](
         packed,
         quant_state.absmax,
         state2.absmax if nested else quant_state.absmax,
@@ -124,7 +131,6 @@ def nf4_dequantize(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype | 
         NESTED=nested,
         BLOCKS_PER_PROGRAM=per_program,
         num_warps=4,
-        enable_fp_fusion=False,
     )
     return out
 
@@ -190,7 +196,7 @@ def nf4_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weight = module.weight
     compute_dtype = module.compute_dtype or x.dtype
     bias = module.bias.to(compute_dtype) if module.bias is not None else None
-    if CUSTOM_OPS and torch.compiler.is_compiling():
+    if TRITON_OPS and torch.compiler.is_compiling():
         code, absmax, absmax2, code2, offset, *sizes = _state_args(weight.quant_state)
         out = _NF4LinearTraced.apply(
             x.to(compute_dtype), weight.data, code, absmax, absmax2, code2, offset, bias, *sizes
@@ -243,17 +249,12 @@ def _nf4_dequantize_op(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """:func:`nf4_dequantize` on a state given as tensors: the weight ``shape`` in ``dtype``."""
-    return nf4_dequantize(packed, _state(code, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype))
+    state = _state(code, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype)
+    return nf4_dequantize(packed, state, traced=True)
 
 
-def _nf4_dequantize_fake(packed, code, absmax, absmax2, code2, offset, blocksize, blocksize2, shape, dtype):
-    return packed.new_empty(shape, dtype=dtype)
-
-
-if CUSTOM_OPS:
-    _dequantize_op = define_custom_op("nf4_dequantize", _nf4_dequantize_op)
-    if _dequantize_op is not None:
-        _dequantize_op.register_fake(_nf4_dequantize_fake)
+if TRITON_OPS:
+    define_triton_op("nf4_dequantize", _nf4_dequantize_op)
 
 
 def uses_fast_nf4(module: nn.Module, x: torch.Tensor) -> bool:
