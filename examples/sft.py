@@ -14,7 +14,7 @@ peft-balanced's ``BalancedArguments`` (``--peft_method``, ``--balance_factor``, 
 """
 
 import peft_balanced  # noqa: F401  (registers the BLORA / QABLORA / GRADAPPROX PEFT types; import it first)
-from peft_balanced.sft import SFTArgumentError, build_trainer, given_flags, make_parser, prepare, save_merged
+from peft_balanced.cli.sft import SFTArgumentError, build_trainer, given_flags, make_parser, prepare, save_merged
 
 
 def main(script_args, training_args, model_args, balanced_args, given):

@@ -3,53 +3,49 @@
 ``import peft_balanced`` registers the PEFT types ``BLORA`` (BLoRA / Q-BLoRA), ``QABLORA`` (QA-BLoRA on the
 2-D-tile INT4 format) and ``GRADAPPROX`` (gradient-subspace initialization) with peft, so that ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM`` and TRL's ``SFTTrainer`` treat them like LoRA, and the
-``"tile_int4"`` quantization method with transformers. Importing twice, or reloading, is harmless.
+``"tile_int4"`` quantization method with transformers. Importing twice, or reloading, is harmless. Every change
+this makes to peft and transformers is listed, with why, in :mod:`peft_balanced.integration`.
+
+``__all__`` is the library. The experimental learned gradient approximator of GradApprox (``GradientApproximation``,
+``with_gradient_approximator``, ``GradApproxTrainer``) is imported from :mod:`peft_balanced.experimental`; the demo's
+helpers (``peft_balanced.demo.models.load_default_model``, ...) from :mod:`peft_balanced.demo`, and the
+``peft-balanced`` command is :mod:`peft_balanced.cli`: importing the package loads neither.
 """
-# ruff: noqa: E402  (bitsandbytes is imported quietly before anything imports peft, which imports it)
+# ruff: noqa: E402  (_compat imports bitsandbytes quietly before anything imports peft, which imports it)
 
-from ._warnings import import_bitsandbytes_quietly
+from . import (
+    _compat,  # noqa: F401  (first)
+    integration,
+)
 
-import_bitsandbytes_quietly()
+integration.install()
 
-from .checkpoint import install_checkpoint_guards
 from .compilation import compile_for_training
-from .demo.models import load_default_model
 from .export import export_gguf
+from .probe import BalanceProbe, probe_balance
 from .quant import TileInt4Config, TileInt4Linear, TileInt4Spec, quantize_model
-from .registry import count_packed_weights, register, reserve_owned_types
 from .settings import KernelPreference, get_kernel_preference, kernel_preference, set_kernel_preference
 from .tuners.blora import BLoRAConfig, BLoRALayer, BLoRALinear, BLoRAModel
 from .tuners.gradapprox import (
     GradApproxConfig,
     GradApproxInitCallback,
     GradApproxModel,
-    GradApproxTrainer,
-    GradientApproximation,
     init_gradapprox,
-    with_gradient_approximator,
 )
 from .tuners.qablora import QABLoRAConfig, QABLoRAModel
 
 __version__ = "0.1.0"
 
-reserve_owned_types()
-count_packed_weights()
-install_checkpoint_guards()
-register("BLORA", config_cls=BLoRAConfig, model_cls=BLoRAModel, prefix=BLoRAModel.prefix)
-register("QABLORA", config_cls=QABLoRAConfig, model_cls=QABLoRAModel, prefix=QABLoRAModel.prefix)
-register("GRADAPPROX", config_cls=GradApproxConfig, model_cls=GradApproxModel, prefix=GradApproxModel.prefix)
-
 
 __all__ = [
     "BLoRAConfig",
+    "BalanceProbe",
     "BLoRALayer",
     "BLoRALinear",
     "BLoRAModel",
     "GradApproxConfig",
     "GradApproxInitCallback",
     "GradApproxModel",
-    "GradApproxTrainer",
-    "GradientApproximation",
     "KernelPreference",
     "QABLoRAConfig",
     "QABLoRAModel",
@@ -62,8 +58,7 @@ __all__ = [
     "get_kernel_preference",
     "init_gradapprox",
     "kernel_preference",
-    "load_default_model",
+    "probe_balance",
     "quantize_model",
     "set_kernel_preference",
-    "with_gradient_approximator",
 ]

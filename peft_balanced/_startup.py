@@ -16,8 +16,9 @@ import sys
 from collections.abc import Callable
 from types import ModuleType
 
-_OWNED = ("BLORA", "QABLORA", "GRADAPPROX")
-_OWNED_QUANT_METHODS = ("tile_int4",)
+#: The PEFT types and the quantization method this package owns: the one list of their names.
+OWNED_PEFT_TYPES: tuple[str, ...] = ("BLORA", "QABLORA", "GRADAPPROX")
+OWNED_QUANT_METHODS: tuple[str, ...] = ("tile_int4",)
 _TABLES = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING")
 
 
@@ -26,7 +27,7 @@ class _PluginAwareMapping(dict):
 
     def __missing__(self, key: object):
         name = getattr(key, "value", key)
-        if name in _OWNED:
+        if name in OWNED_PEFT_TYPES:
             raise KeyError(
                 f"{name}: this adapter type comes from the peft-balanced plugin. Run `import peft_balanced` "
                 "before creating or loading it (peft has no plugin mechanism to do that for you)."
@@ -45,7 +46,7 @@ def _check_quant_method(auto: ModuleType, config: object) -> None:
     """Raise if ``config`` (a dict or a config object) names one of our quantization methods that is not registered."""
     method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
     method = getattr(method, "value", method)
-    if method in _OWNED_QUANT_METHODS and method not in getattr(auto, "AUTO_QUANTIZATION_CONFIG_MAPPING", {}):
+    if method in OWNED_QUANT_METHODS and method not in getattr(auto, "AUTO_QUANTIZATION_CONFIG_MAPPING", {}):
         raise ValueError(
             f"This model is quantized with quant_method={method!r}, which comes from the peft-balanced plugin. Run "
             "`import peft_balanced` before from_pretrained (transformers has no plugin mechanism to do that for you; "

@@ -67,54 +67,20 @@ def atomic_save_safetensors(tensors: dict, filename: str | os.PathLike, metadata
     atomic_write(filename, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
 
 
-def _read_json(path: Path) -> Any:
+def read_adapter_config(path: Path) -> dict:
+    """The JSON object of an ``adapter_config.json``; a ``ValueError`` naming the file if it is not valid JSON or
+    not an object (e.g. a file cut short or edited by hand)."""
     try:
         with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
+            content = json.load(handle)
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(
             f"The adapter config {str(path)!r} is not valid JSON ({err}). It was cut short or edited by hand: save "
             "the adapter again, or fix the file."
         ) from None
-
-
-def checked_from_json_file(original: Callable[..., dict]) -> Callable[..., dict]:
-    """Wrap peft's ``PeftConfigMixin.from_json_file``: invalid JSON and unknown ``peft_type`` values raise a
-    ``ValueError`` naming the file (peft raises a bare ``JSONDecodeError`` / ``KeyError``)."""
-
-    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
-        path = Path(path_json_file)
-        content = _read_json(path)
-        if not isinstance(content, dict):
-            raise ValueError(
-                f"The adapter config {str(path)!r} must hold a JSON object, got {type(content).__name__}."
-            )
-        peft_type = content.get("peft_type")
-        if peft_type is not None:
-            from ._compat import peft_method_mappings
-
-            known = sorted(str(getattr(t, "value", t)) for t in peft_method_mappings()[0])
-            if peft_type not in known:
-                raise ValueError(
-                    f"The adapter config {str(path)!r} has an unknown peft_type {peft_type!r}; known types: "
-                    f"{', '.join(known)}. An adapter of a plugin's type needs that plugin imported first."
-                )
-        return original.__func__(cls, path_json_file, **kwargs)
-
-    from_json_file._peft_balanced_checked = True  # type: ignore[attr-defined]
-    return classmethod(from_json_file)  # type: ignore[return-value]
-
-
-def install_checkpoint_guards() -> None:
-    """Make peft's adapter weights writes atomic and its config reads name the file on errors (idempotent)."""
-    from peft.config import PeftConfigMixin
-
-    from ._compat import set_peft_weights_writer
-
-    set_peft_weights_writer(atomic_save_safetensors)
-    current = PeftConfigMixin.__dict__["from_json_file"]
-    if not getattr(current.__func__, "_peft_balanced_checked", False):
-        PeftConfigMixin.from_json_file = checked_from_json_file(current)
+    if not isinstance(content, dict):
+        raise ValueError(f"The adapter config {str(path)!r} must hold a JSON object, got {type(content).__name__}.")
+    return content
 
 
 def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

@@ -25,8 +25,8 @@ Not yet measured on a GPU (see docs/benchmarks.md). Limits:
   with, eager's; with ``emulate_precision_casts`` (the default) bf16 results follow eager's roundings.
 * Every compiled model adds guards to the one compiled decoder-layer code; more than
   ``torch._dynamo.config.recompile_limit`` (8) differently built models in one process cannot be compiled: with
-  ``fullgraph=True`` that raises; raise the limit (``benchmarks/speed.py`` does) or call ``torch._dynamo.reset()``
-  between models.
+  ``fullgraph=True`` that raises; raise the limit (``benchmarks/speed/speed.py`` does) or call
+  ``torch._dynamo.reset()`` between models.
 """
 
 from __future__ import annotations

@@ -19,13 +19,6 @@ from __future__ import annotations
 import torch
 
 
-def check_factor(name: str, factor: object) -> int:
-    """Validate a pooling/expansion factor: a positive ``int`` (``bool`` is rejected)."""
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {factor!r} ({type(factor).__name__}).")
-    return factor
-
-
 def pool(x: torch.Tensor, factor: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Average consecutive groups of ``factor`` features: ``(..., D) -> (..., D // factor)``.
 
@@ -144,30 +137,3 @@ def add_balanced_adapter(
     was measured slower; docs/benchmarks.md).
     """
     return _BalancedAdd.apply(base, x, scaling, k_in, k_out, *weights)
-
-
-# ---------------------------------------------------------------------------------------------- custom ops
-# The quantized layers' Triton kernels are torch.library ops (quant/kernels): dynamo records the op and never traces the
-# building of a kernel; with ``triton_op`` (torch >= 2.6) inductor then traces the op's body and launches the kernel
-# from its own generated code.
-CUSTOM_OPS = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd")
-
-
-def _registered(name: str) -> bool:
-    try:
-        getattr(torch.ops.peft_balanced, name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-TRITON_OPS = CUSTOM_OPS and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-
-
-def define_triton_op(name: str, function):
-    """``torch.library.triton_op("peft_balanced::<name>")`` once per process: a custom op whose body inductor traces,
-    so compiled code launches its Triton kernel directly (no per-call Python dispatch; the body must launch its
-    kernels through ``torch.library.wrap_triton``). The body is also the op's fake implementation."""
-    if _registered(name):
-        return None
-    return torch.library.triton_op(f"peft_balanced::{name}", function, mutates_args=())

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 
+from .validation import check_enum
+
 __all__ = [
     "Int4GemvKernel",
     "KernelPreference",
@@ -58,16 +60,6 @@ def _is_set(variable: str) -> bool:
     return os.environ.get(variable, "0") not in ("", "0", "false", "False")
 
 
-def _coerce(preference: KernelPreference | str) -> KernelPreference:
-    try:
-        return KernelPreference(preference)
-    except ValueError:
-        valid = ", ".join(repr(p.value) for p in KernelPreference)
-        raise ValueError(
-            f"kernel preference must be one of {valid} (or a KernelPreference), got {preference!r}"
-        ) from None
-
-
 def get_kernel_preference() -> KernelPreference:
     """The preference in force: the one set, else the one the environment aliases give, else ``AUTO``."""
     if _preference is not None:
@@ -82,14 +74,14 @@ def get_kernel_preference() -> KernelPreference:
 def set_kernel_preference(preference: KernelPreference | str | None) -> None:
     """Set the preference for the whole process; ``None`` goes back to the environment aliases."""
     global _preference
-    _preference = None if preference is None else _coerce(preference)
+    _preference = None if preference is None else check_enum(KernelPreference, preference, "kernel preference")
 
 
 @contextmanager
 def kernel_preference(preference: KernelPreference | str) -> Iterator[KernelPreference]:
     """Use ``preference`` inside the ``with`` block and restore the previous setting after it."""
     global _preference
-    previous, _preference = _preference, _coerce(preference)
+    previous, _preference = _preference, check_enum(KernelPreference, preference, "kernel preference")
     try:
         yield _preference
     finally:
@@ -121,14 +113,6 @@ class Int4GemvKernel(str, Enum):
 _int4_gemv = Int4GemvKernel.FUSED
 
 
-def _coerce_gemv(kernel: Int4GemvKernel | str) -> Int4GemvKernel:
-    try:
-        return Int4GemvKernel(kernel)
-    except ValueError:
-        valid = ", ".join(repr(k.value) for k in Int4GemvKernel)
-        raise ValueError(f"int4 gemv kernel must be one of {valid} (or an Int4GemvKernel), got {kernel!r}") from None
-
-
 def get_int4_gemv_kernel() -> Int4GemvKernel:
     """The tile-INT4 small-batch kernel in force (default ``FUSED``)."""
     return _int4_gemv
@@ -137,14 +121,14 @@ def get_int4_gemv_kernel() -> Int4GemvKernel:
 def set_int4_gemv_kernel(kernel: Int4GemvKernel | str) -> None:
     """Pick the tile-INT4 small-batch kernel for the whole process."""
     global _int4_gemv
-    _int4_gemv = _coerce_gemv(kernel)
+    _int4_gemv = check_enum(Int4GemvKernel, kernel, "int4 gemv kernel")
 
 
 @contextmanager
 def int4_gemv_kernel(kernel: Int4GemvKernel | str) -> Iterator[Int4GemvKernel]:
     """Use ``kernel`` inside the ``with`` block and restore the previous choice after it."""
     global _int4_gemv
-    previous, _int4_gemv = _int4_gemv, _coerce_gemv(kernel)
+    previous, _int4_gemv = _int4_gemv, check_enum(Int4GemvKernel, kernel, "int4 gemv kernel")
     try:
         yield _int4_gemv
     finally:

@@ -19,11 +19,12 @@ from peft_balanced import (
     GradApproxConfig,
     QABLoRAConfig,
     TileInt4Config,
+    cli,
     export_gguf,
     init_gradapprox,
     quantize_model,
 )
-from peft_balanced.demo import cli, models
+from peft_balanced.demo import models
 from peft_balanced.quant.tile_int4 import quantize_tiles
 
 NAN, INF = float("nan"), float("inf")

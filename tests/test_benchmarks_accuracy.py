@@ -1,4 +1,4 @@
-"""The harness of benchmarks/accuracy.py on a tiny Llama and toy BIG-bench files (nothing is downloaded)."""
+"""The harness of benchmarks/accuracy/accuracy.py on a tiny Llama and toy BIG-bench files (nothing is downloaded)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from tiny import tiny_llama, tiny_tokenizer
 
 import peft_balanced
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy"))
 
 import accuracy  # noqa: E402
-import accuracy_harness as harness  # noqa: E402
-import accuracy_parallel  # noqa: E402
-import accuracy_report  # noqa: E402
+import harness  # noqa: E402
+import parallel  # noqa: E402
+import report  # noqa: E402
 
 TASKS = {
     "parity": lambda i: {"input": f"is {i} odd?", "choices": ["yes", "no"], "answer": 1 - i % 2},
@@ -122,7 +122,7 @@ def test_report_prints_the_accuracy_table_last(two_seed_results, capsys):
 
 def test_report_writes_accuracy_and_loss_plots(two_seed_results, capsys):
     pytest.importorskip("matplotlib")
-    accuracy_report.main([str(two_seed_results)])
+    report.main([str(two_seed_results)])
     for name in ("accuracy_vs_step", "accuracy_vs_wallclock", "train_loss"):
         assert (two_seed_results / "plots" / f"{name}.png").stat().st_size > 1000
 
@@ -145,7 +145,7 @@ def test_holding_out_all_train_rows_of_a_task_is_refused(tmp_path):
 
 
 def test_ptq_finish_adds_the_qlora_update_to_the_original_weights_not_the_nf4_dequantized_ones(tmp_path):
-    import accuracy_finish
+    import finish
     from peft import get_peft_model
 
     bench = _bench(tmp_path, save=False)
@@ -154,12 +154,12 @@ def test_ptq_finish_adds_the_qlora_update_to_the_original_weights_not_the_nf4_de
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)  # a non-zero update
-    merged = accuracy_finish.merge_into_original(peft_model, bench.model, "cpu", torch.float32)
+    merged = finish.merge_into_original(peft_model, bench.model, "cpu", torch.float32)
     layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     original = bench.model.model.layers[0].self_attn.q_proj.weight
     expected = original + layer.get_delta_weight("default")
     torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, expected, rtol=0, atol=1e-6)
-    int4 = accuracy_finish.finish(method, peft_model, bench, None)
+    int4 = finish.finish(method, peft_model, bench, None)
     assert isinstance(int4.model.layers[0].self_attn.q_proj, peft_balanced.TileInt4Linear)
     assert int4.model.layers[0].self_attn.q_proj.tile == (4, 8)
 
@@ -172,23 +172,23 @@ def test_report_picks_each_methods_lr_on_the_select_split_and_compares_best_with
         for name in ("qlora", "lora"):
             settings = dataclasses.replace(bench.settings, lr=lr)
             harness.run_group([harness.METHODS[name]], 0, dataclasses.replace(bench, settings=settings), lambda _: 0)
-    records = accuracy_report.load_records(bench.out)
-    by_lr = accuracy_report.latest(records)
+    records = report.load_records(bench.out)
+    by_lr = report.latest(records)
     (methods,) = by_lr.values()
     for name in ("lora", "qlora"):
         scores = {lr: runs[0]["select"]["mean_accuracy"] for lr, runs in methods[name].items()}
         best = max(scores, key=lambda lr: (scores[lr], -lr))
-        assert accuracy_report.choose_lr(methods[name]) == (best, "select split")
+        assert report.choose_lr(methods[name]) == (best, "select split")
     assert accuracy.main(["report", str(bench.out), "--no-plots"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     header = max(i for i, line in enumerate(lines) if line.startswith("| method | trainable |"))
     lora_row = next(line for line in lines[header:] if line.startswith("| lora |"))
-    assert f" | {accuracy_report.choose_lr(methods['lora'])[0]:g} | " in lora_row
+    assert f" | {report.choose_lr(methods['lora'])[0]:g} | " in lora_row
     assert any(line.startswith("| method | lr 0.0001 | lr 0.03 |") for line in lines)  # the whole grid is shown
 
 
 def test_paper_recipe_trains_rank_64_with_alpha_16_a_constant_lr_and_clipping_0_3():
-    job = accuracy_parallel.Job(("qblora2",), 0, 2e-4, 10, "paper")
+    job = parallel.Job(("qblora2",), 0, 2e-4, 10, "paper")
     settings = dataclasses.replace(harness.Settings(), lr=job.lr, steps=job.steps, **harness.RECIPES[job.recipe])
     assert (settings.r, settings.lora_alpha, settings.grad_clip, settings.schedule) == (64, 16.0, 0.3, "constant")
     assert [harness.lr_factor(step, 10, 2, settings.schedule) for step in (0, 1, 5, 9)] == [0.5, 1.0, 1.0, 1.0]
@@ -196,15 +196,15 @@ def test_paper_recipe_trains_rank_64_with_alpha_16_a_constant_lr_and_clipping_0_
 
 
 def _claim_all(plan: str, worker: int, n: int, queue) -> None:
-    queue.put([i for i in range(n) if accuracy_parallel.claim(pathlib.Path(plan), i, worker)])
+    queue.put([i for i in range(n) if parallel.claim(pathlib.Path(plan), i, worker)])
 
 
 def test_every_planned_job_is_claimed_by_exactly_one_of_several_racing_workers(tmp_path):
     import multiprocessing
 
-    jobs = [accuracy_parallel.Job(("lora",), seed, lr, 5) for seed in range(10) for lr in (1e-4, 1e-3, 3e-3)]
-    plan = accuracy_parallel.write_plan(tmp_path, jobs)
-    assert accuracy_parallel.read_plan(plan) == jobs
+    jobs = [parallel.Job(("lora",), seed, lr, 5) for seed in range(10) for lr in (1e-4, 1e-3, 3e-3)]
+    plan = parallel.write_plan(tmp_path, jobs)
+    assert parallel.read_plan(plan) == jobs
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     workers = [ctx.Process(target=_claim_all, args=(str(plan), w, len(jobs), queue)) for w in range(4)]
@@ -214,7 +214,7 @@ def test_every_planned_job_is_claimed_by_exactly_one_of_several_racing_workers(t
     for w in workers:
         w.join(timeout=60)
     assert sorted(i for part in claimed for i in part) == list(range(len(jobs)))
-    assert accuracy_parallel.unclaimed(plan, jobs) == []
+    assert parallel.unclaimed(plan, jobs) == []
 
 
 def test_lr_grid_plans_every_lr_and_seed_and_the_base_model_once_per_seed():
@@ -229,12 +229,12 @@ def test_lr_grid_plans_every_lr_and_seed_and_the_base_model_once_per_seed():
 def test_a_diverged_lr_is_shown_in_the_grid_and_never_chosen(tmp_path, capsys):
     bench = _bench(tmp_path, save=False)
     harness.run_group([harness.METHODS["lora"]], 0, bench, lambda _: 0)
-    job = accuracy_parallel.Job(("lora",), 0, 3e-2, bench.settings.steps)
+    job = parallel.Job(("lora",), 0, 3e-2, bench.settings.steps)
     settings = dataclasses.replace(bench.settings, lr=job.lr)
     failed = accuracy.failure_record(harness.METHODS["lora"], job, dataclasses.replace(bench, settings=settings), "x")
     harness.append_record(bench.out, failed)
-    records = accuracy_report.load_records(bench.out)
-    (methods,) = accuracy_report.latest(records).values()
+    records = report.load_records(bench.out)
+    (methods,) = report.latest(records).values()
     assert list(methods["lora"]) == [bench.settings.lr]  # the diverged run is no candidate
     assert accuracy.main(["report", str(bench.out), "--no-plots"]) == 0
     grid_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| lora | ") and

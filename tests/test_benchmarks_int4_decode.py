@@ -1,4 +1,4 @@
-"""The decode loop of benchmarks/int4_decode.py (static cache, one fixed-address step per token) on tiny Llamas."""
+"""The decode loop of benchmarks/kernels/int4_decode.py (static cache, one fixed-address step per token) on tiny Llamas."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from tiny import tiny_llama
 from peft_balanced import quantize_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+KERNELS = pathlib.Path("benchmarks", "kernels")
+sys.path.insert(0, str(ROOT / KERNELS))
 
 import int4_decode  # noqa: E402
 
@@ -59,7 +60,7 @@ def test_build_model_makes_random_weights_in_the_dtype_on_the_device():
 @pytest.mark.slow
 def test_tiny_cpu_smoke_run_prints_the_table_with_every_model():
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "int4_decode.py"), "--tiny", "--new-tokens", "8", "--repeats", "1"],
+        [sys.executable, str(ROOT / KERNELS / "int4_decode.py"), "--tiny", "--new-tokens", "8", "--repeats", "1"],
         capture_output=True,
         text=True,
         timeout=300,

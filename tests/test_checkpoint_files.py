@@ -3,6 +3,7 @@ old checkpoint intact, pickles that are never unpickled, no remote code."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pickle
@@ -16,8 +17,8 @@ from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from tiny import tiny_llama
 from tiny_demo import use_tiny_demo_model
 
-from peft_balanced import BLoRAConfig
-from peft_balanced.demo import cli
+from peft_balanced import BLoRAConfig, cli
+from peft_balanced.cli import demo as demo_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,11 +161,57 @@ def _offenders(folders: tuple[str, ...], pattern: re.Pattern) -> list[str]:
     return found
 
 
-def test_nothing_trusts_remote_code_or_unpickles_unsafely():
-    remote = "trust_remote" + "_code"
-    pattern = re.compile(rf"{remote}|weights_only\s*=\s*False")
+def _remote_code_switches(source: str) -> list[str]:
+    """Every ``trust_remote_code=<x>`` keyword and ``{"trust_remote_code": <x>}`` entry of ``source`` whose value is not
+    the constant ``False``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        pairs = []
+        if isinstance(node, ast.Call):
+            pairs = [(k.arg, k.value) for k in node.keywords]
+        elif isinstance(node, ast.Dict):
+            pairs = [(k.value, v) for k, v in zip(node.keys, node.values, strict=True) if isinstance(k, ast.Constant)]
+        found += [
+            f"line {value.lineno}: {ast.unparse(value)}"
+            for name, value in pairs
+            if name == "trust_remote_code" and not (isinstance(value, ast.Constant) and value.value is False)
+        ]
+    return found
+
+
+def _python_sources(folders: tuple[str, ...]):
+    for folder in folders:
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix == ".py":
+                yield path, path.read_text()
+            elif path.suffix == ".ipynb":
+                cells = json.loads(path.read_text())["cells"]
+                code = [c["source"] for c in cells if c["cell_type"] == "code"]
+                cells = ["".join(cell) if isinstance(cell, list) else cell for cell in code]
+                kept = [
+                    "\n".join(ln for ln in cell.splitlines() if not ln.lstrip().startswith(("%", "!")))
+                    for cell in cells
+                ]
+                yield path, "\n".join(kept)
+
+
+def test_no_code_passes_trust_remote_code_other_than_false():
+    offenders = [
+        f"{path.relative_to(ROOT)} {switch}"
+        for path, source in _python_sources(("peft_balanced", "benchmarks", "tutorials"))
+        for switch in _remote_code_switches(source)
+    ]
+    assert not offenders
+
+
+def test_the_remote_code_check_sees_a_switch_in_a_call_and_in_a_dict():
+    source = "f(trust_remote_code=True)\ng(trust_remote_code=flag)\nh(**{'trust_remote_code': 1})\nk(trust_remote_code=False)"
+    assert len(_remote_code_switches(source)) == 3
+
+
+def test_nothing_unpickles_unsafely():
+    pattern = re.compile(r"weights_only\s*=\s*False")
     assert not _offenders(("peft_balanced", "tests", "benchmarks", "tutorials", "docs"), pattern)
-    assert remote not in (ROOT / "README.md").read_text()
 
 
 def test_package_reads_no_pickles():
@@ -181,7 +228,7 @@ def test_failed_demo_run_leaves_previous_outputs_and_no_staging(tmp_path, monkey
     def crash(*args, **kwargs):
         raise RuntimeError("killed while merging")
 
-    monkeypatch.setattr(cli, "merge_to_dense", crash)
+    monkeypatch.setattr(demo_command, "merge_to_dense", crash)
     out = tmp_path / "demo"
     (out / "adapter").mkdir(parents=True)
     (out / "adapter" / "adapter_config.json").write_text("old adapter")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,7 +13,10 @@ from tiny_demo import use_tiny_demo_model
 from torch import nn
 
 import peft_balanced
-from peft_balanced.demo import cli, models
+from peft_balanced import cli
+from peft_balanced.cli import demo as demo_command
+from peft_balanced.demo import models
+from peft_balanced.demo.merge import merge_to_dense
 
 
 @pytest.fixture
@@ -48,10 +52,10 @@ def test_overwrite_removes_only_the_demo_outputs(tmp_path):
     (tmp_path / "adapter" / "adapter_model.safetensors").write_text("old")
     (tmp_path / "summary.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
-    cli._prepare_output_dir(tmp_path, overwrite=True)
+    demo_command._prepare_output_dir(tmp_path, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     fresh = tmp_path / "new" / "dir"
-    cli._prepare_output_dir(fresh, overwrite=False)
+    demo_command._prepare_output_dir(fresh, overwrite=False)
     assert fresh.is_dir()
 
 
@@ -83,13 +87,13 @@ def test_help_lists_the_demo(capsys):
 
 
 def test_build_adapter_config():
-    lora = cli.build_adapter_config("lora", r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)
+    lora = demo_command.build_adapter_config("lora", r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)
     assert isinstance(lora, LoraConfig) and lora.r == 4 and set(lora.target_modules) == set(LLAMA_TARGETS)
-    blora = cli.build_adapter_config("blora", r=8, balance_factor=2, lora_alpha=16)
+    blora = demo_command.build_adapter_config("blora", r=8, balance_factor=2, lora_alpha=16)
     assert isinstance(blora, peft_balanced.BLoRAConfig) and blora.balance_factor == 2 and blora.lora_alpha == 16
     assert blora.task_type == "CAUSAL_LM"
     with pytest.raises(cli.CLIError):
-        cli.build_adapter_config("ia3")
+        demo_command.build_adapter_config("ia3")
 
 
 @pytest.mark.parametrize("method", ["lora", "blora"])
@@ -97,7 +101,7 @@ def test_merge_to_dense_on_an_nf4_base_matches_the_adapter(method):
     pytest.importorskip("bitsandbytes")
     base = tiny_llama(initializer_range=0.1)
     models.quantize_linear_nf4(base)
-    peft_model = get_peft_model(base, cli.build_adapter_config(method, r=4, lora_alpha=8))
+    peft_model = get_peft_model(base, demo_command.build_adapter_config(method, r=4, lora_alpha=8))
     with torch.no_grad():  # make the adapter non-trivial
         for name, p in peft_model.named_parameters():
             if p.requires_grad:
@@ -106,14 +110,31 @@ def test_merge_to_dense_on_an_nf4_base_matches_the_adapter(method):
     peft_model.eval()
     with torch.no_grad():
         expected = peft_model(ids).logits
-    merged = cli.merge_to_dense(peft_model)
+    merged = merge_to_dense(peft_model)
     projections = [m for n, m in merged.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS]
     assert len(projections) == 14 and all(type(m) is nn.Linear for m in projections)
     assert not getattr(merged, "is_loaded_in_4bit", False)
     with torch.no_grad():
         got = merged(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    assert cli.merge_to_dense.__doc__
+    assert merge_to_dense.__doc__
+
+
+def test_merge_to_dense_refuses_a_projection_that_is_not_a_plain_linear():
+    class SubclassedLinear(nn.Linear):
+        pass
+
+    class Merged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = SubclassedLinear(2, 2)
+
+    class FakePeftModel:
+        def merge_and_unload(self, dequantize=False):
+            return Merged()
+
+    with pytest.raises(RuntimeError, match=r"plain torch.nn.Linear .*; got q_proj \(SubclassedLinear\)"):
+        merge_to_dense(FakePeftModel())
 
 
 def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
@@ -134,3 +155,29 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(argv)
     assert cli.main([*argv, "--overwrite"]) == 0
+
+
+# --- peft-balanced probe
+
+
+def test_probe_command_prints_the_table_and_a_recommendation(saved_tiny_llama, tmp_path, capsys):
+    from datasets import Dataset
+    from tiny import tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(saved_tiny_llama, model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    Dataset.from_dict({"text": [f"row {i}: some text to read" for i in range(8)]}).to_parquet(
+        str(tmp_path / "d.parquet")
+    )
+    argv = ["probe", "--model_name_or_path", str(model_dir), "--dataset_name", str(tmp_path / "d.parquet")]
+    assert cli.main([*argv, "--factors", "2,4", "--num_batches", "2", "--per_device_train_batch_size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 |" in out and "| 4 |" in out and "Recommendation:" in out
+
+
+def test_probe_command_refuses_a_bad_factor_list(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["probe", "--model_name_or_path", "x", "--dataset_name", "y", "--factors", "2,zero"])
+    assert exit_info.value.code == 2
+    assert "comma-separated positive integers" in capsys.readouterr().err

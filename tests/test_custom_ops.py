@@ -8,9 +8,9 @@ import torch
 from test_quant_nf4 import nf4_layer
 
 from peft_balanced import ops
-from peft_balanced.quant.kernels import nf4
+from peft_balanced.quant.kernels import nf4, support
 
-pytestmark = pytest.mark.skipif(not ops.CUSTOM_OPS, reason="torch.library.custom_op needs torch >= 2.4")
+pytestmark = pytest.mark.skipif(not support.TRITON_OPS, reason="torch.library.triton_op needs torch >= 2.6")
 
 
 class _BalancedAddAsOf2518e54(torch.autograd.Function):

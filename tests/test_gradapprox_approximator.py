@@ -9,8 +9,9 @@ from sft import mean, sft_train
 from tiny import LLAMA_TARGETS, tiny_llama
 from trl import SFTTrainer
 
-from peft_balanced import GradApproxConfig, GradientApproximation, with_gradient_approximator
-from peft_balanced.tuners.gradapprox import GradApproxLinear, GradApproxTrainerMixin
+from peft_balanced import GradApproxConfig
+from peft_balanced.experimental import GradApproxTrainerMixin, GradientApproximation, with_gradient_approximator
+from peft_balanced.tuners.gradapprox import GradApproxLinear
 
 
 def config(**overrides) -> GradApproxConfig:

@@ -105,7 +105,7 @@ def test_all_linear_on_an_unquantized_model_says_to_quantize_first():
 # The merge itself is exact (ΔW is constant on every tile); what remains is rounding the new zero points into their
 # storage dtype: fp32 (the default, also under fp16/bf16 scales) is exact to fp32 rounding, fp16 costs ~1e-3 relative
 # (0.6-2.4e-3 measured on tiny Llama logits for random adapters, 1e-3 to 1.3e-2 on SmolLM2 with trained ones:
-# benchmarks/qablora_merge_error.py), bf16 ~1e-2. Both are below the 4-bit quantization error itself (~5e-2).
+# benchmarks/studies/qablora_merge_error.py), bf16 ~1e-2. Both are below the 4-bit quantization error itself (~5e-2).
 @pytest.mark.parametrize(
     ("scale_dtype", "zero_dtype", "tolerance"),
     [

@@ -197,7 +197,7 @@ def test_non_bpe_tokenizer_is_rejected_with_the_supported_kind(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_exports_with_its_tokenizer_and_reloads_with_the_same_logits(tmp_path):
-    from peft_balanced import load_default_model
+    from peft_balanced.demo.models import load_default_model
 
     model, tokenizer = load_default_model(torch.float32)
     quantize_model(model, tile=(32, 1), scale_dtype="float16", zero_dtype="float16")

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.quantizers import auto as hf_auto
 
 from peft_balanced.quant import TileInt4Config, TileInt4HfQuantizer, TileInt4Linear, quantize_model
-from peft_balanced.quant.hf import register
+from peft_balanced.quant.hf import register_tile_int4
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -84,8 +84,8 @@ def test_importing_registers_tile_int4_with_transformers():
 
 
 def test_registering_again_is_harmless():
-    register()
-    register()
+    register_tile_int4()
+    register_tile_int4()
     assert hf_auto.AUTO_QUANTIZER_MAPPING["tile_int4"] is TileInt4HfQuantizer
 
 
@@ -176,9 +176,10 @@ def test_save_then_plain_from_pretrained_is_bit_exact_in_fresh_process_after_rel
         f"""
         import importlib
         import torch
-        import peft_balanced.quant
-        importlib.reload(peft_balanced.quant.hf)  # registering twice (reload) must not raise
+        import peft_balanced
+        importlib.reload(peft_balanced.quant.hf)
         importlib.reload(peft_balanced.quant)
+        importlib.reload(peft_balanced)  # registering the reloaded classes again must not raise
         from transformers import AutoModelForCausalLM
         from peft_balanced.quant import TileInt4Linear
         model = AutoModelForCausalLM.from_pretrained({str(q_dir)!r})

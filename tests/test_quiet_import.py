@@ -4,7 +4,7 @@ import logging
 import subprocess
 import sys
 
-from peft_balanced._warnings import HUB_KERNEL_LOGGERS
+from peft_balanced._compat import HUB_KERNEL_LOGGERS
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -17,9 +17,7 @@ def test_a_plain_import_prints_nothing():
 
 
 def test_the_command_help_prints_only_the_help():
-    result = run_python(
-        "import sys; sys.argv = ['peft-balanced', '--help']; import peft_balanced.demo.cli as c; c.main()"
-    )
+    result = run_python("import sys; sys.argv = ['peft-balanced', '--help']; import peft_balanced.cli as c; c.main()")
     assert "usage" in result.stdout
     assert result.stderr == ""
 

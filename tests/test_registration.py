@@ -14,7 +14,7 @@ from peft.utils import PeftType
 from tiny import tiny_llama
 
 from peft_balanced import BLoRAConfig, BLoRAModel
-from peft_balanced.registry import OWNED_PEFT_TYPES
+from peft_balanced.integration import OWNED_PEFT_TYPES
 
 
 def test_owned_types_are_peft_type_members():
@@ -114,7 +114,7 @@ def test_non_linear_target_is_rejected_with_its_name():
 def test_startup_hook_knows_every_owned_type():
     from peft_balanced import _startup
 
-    assert set(_startup._OWNED) == set(OWNED_PEFT_TYPES)
+    assert _startup.OWNED_PEFT_TYPES is OWNED_PEFT_TYPES
 
 
 def test_skip_indivisible_that_skips_every_target_is_an_error_naming_them():

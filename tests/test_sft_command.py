@@ -17,9 +17,8 @@ from tiny_demo import tiny_chat_tokenizer, use_tiny_demo_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import peft_balanced
-from peft_balanced import TileInt4Config, TileInt4Linear
-from peft_balanced.demo import cli
-from peft_balanced.sft import BalancedArguments, make_parser
+from peft_balanced import TileInt4Config, TileInt4Linear, cli
+from peft_balanced.cli.sft import BalancedArguments, make_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = str(Path(peft_balanced.__file__).parent)
@@ -305,7 +304,7 @@ def test_a_tile_that_differs_from_the_checkpoints_fails_before_loading(tile_int4
 def test_a_glob_of_local_files_is_one_train_split(tmp_path):
     from trl import ScriptArguments
 
-    from peft_balanced.sft import load_sft_dataset
+    from peft_balanced.cli.sft import load_sft_dataset
 
     for part in range(2):
         (tmp_path / f"part{part}.jsonl").write_text(
@@ -315,7 +314,7 @@ def test_a_glob_of_local_files_is_one_train_split(tmp_path):
     assert sorted(dataset) == ["train"] and dataset["train"].num_rows == 6
 
 
-REMOTE_CODE = "--trust_remote" + "_code"  # assembled: the package and tests hold no literal (test_checkpoint_files)
+REMOTE_CODE = "--trust_remote_code"
 
 
 @pytest.mark.parametrize("flags", [[REMOTE_CODE], ["--model_init_kwargs", json.dumps({REMOTE_CODE[2:]: True})]])
@@ -325,3 +324,45 @@ def test_remote_code_is_refused_before_any_model_loads(flags, config_only_dir, d
         cli.main([*argv, "--dataset_name", str(data_dir / "text.parquet"), *flags])
     assert exc.value.code == 2
     assert f"{REMOTE_CODE} is refused" in capsys.readouterr().err
+
+
+# --- the built-in model: --model_name_or_path default
+
+
+def test_default_model_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+    from tiny_demo import use_tiny_demo_model
+
+    from peft_balanced.cli import model_source
+    from peft_balanced.demo import models
+
+    monkeypatch.setenv("PEFT_BALANCED_CACHE", str(tmp_path / "cache"))
+    use_tiny_demo_model(monkeypatch)
+    loads = []
+    loader = models.load_default_model
+    monkeypatch.setattr(models, "load_default_model", lambda **kw: loads.append(kw) or loader(**kw))
+    first = model_source.resolve_model("default")
+    assert model_source.resolve_model("default") == first and len(loads) == 1
+    assert Path(first).parent.parent == tmp_path / "cache" and (Path(first) / "config.json").is_file()
+
+
+def test_sft_trains_on_the_default_model(data_dir, tmp_path, monkeypatch):
+    from tiny_demo import use_tiny_demo_model
+
+    monkeypatch.setenv("PEFT_BALANCED_CACHE", str(tmp_path / "cache"))
+    use_tiny_demo_model(monkeypatch)
+    out = run_sft("default", data_dir / "text.parquet", tmp_path / "out", "--max_steps", "1")
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "BLORA"
+
+
+def test_a_missing_gguf_file_is_named(data_dir, tmp_path, capsys):
+    argv = [
+        "sft",
+        "--model_name_or_path",
+        str(tmp_path / "nope.gguf"),
+        "--dataset_name",
+        str(data_dir / "text.parquet"),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--output_dir", str(tmp_path / "out"), *TRAIN_FLAGS])
+    assert exit_info.value.code == 2
+    assert "nope.gguf: no such GGUF file" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The demo command (``peft_balanced.demo``) on a tiny model: a stand-in for ``load_default_model``."""
+"""The demo command (``peft_balanced.cli.demo``) on a tiny model: a stand-in for ``load_default_model``."""
 
 from __future__ import annotations
 

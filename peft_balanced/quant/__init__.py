@@ -7,20 +7,18 @@
 * :mod:`.hf`: the transformers adapter (``TileInt4Config``, the ``"tile_int4"`` quantizer).
 * :mod:`.kernels`: Triton kernels (tile-INT4 dequantize and GEMV, NF4 dequantize).
 
-Imports only go down that list (``hf`` -> ``linear`` -> ``tile_int4``; ``quantize`` -> ``hf``), never back. Importing
-this package registers the ``"tile_int4"`` quantization method with transformers (idempotent), so
+Imports only go down that list (``hf`` -> ``linear`` -> ``tile_int4``; ``quantize`` -> ``hf``), never back. ``import
+peft_balanced`` registers the ``"tile_int4"`` quantization method with transformers (:mod:`peft_balanced.integration`), so
 ``from_pretrained(path, quantization_config=TileInt4Config(...))`` quantizes on load and a saved quantized model
 reloads with a plain ``from_pretrained(path)``. GGUF export lives in :mod:`peft_balanced.export.gguf`.
 """
 
-from .hf import TileInt4Config, TileInt4HfQuantizer, register
+from .hf import TileInt4Config, TileInt4HfQuantizer
 from .linear import TileInt4Linear
 from .quantize import quantize_model
 from .select import iter_quantizable_linears
 from .spec import TileInt4Spec
 from .tile_int4 import dequantize_tiles, pack_int4, quantize_tiles, unpack_int4
-
-register()
 
 __all__ = [
     "TileInt4Config",

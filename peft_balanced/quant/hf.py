@@ -22,17 +22,18 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .._compat import ConversionOps, HfQuantizer, assign_is_quantized, get_module_from_name
 from ..utils import linear_from_weight, set_submodule
+from ..validation import check_flag
 from .linear import TileInt4Linear
 from .select import check_skip_modules_match, iter_quantizable_linears
 from .spec import TileInt4Spec
-from .tile_int4 import DEFAULT_ZERO_DTYPE, check_flag, dtype_name, quantize_tiles
+from .tile_int4 import DEFAULT_ZERO_DTYPE, dtype_name, quantize_tiles
 
 __all__ = [
     "QUANT_METHOD",
     "TileInt4Config",
     "TileInt4HfQuantizer",
     "attach_quantization_config",
-    "register",
+    "register_tile_int4",
     "tied_module_names",
 ]
 
@@ -315,7 +316,7 @@ def _register_into(mapping: dict, key: str, cls: type, decorator_factory) -> Non
         )
 
 
-def register() -> None:
+def register_tile_int4() -> None:
     """Register ``"tile_int4"`` with transformers' quantizer registry. Idempotent (safe under ``importlib.reload``)."""
     from transformers.quantizers import auto
 

@@ -13,15 +13,8 @@ from typing import Any
 
 import torch
 
-from .tile_int4 import (
-    DEFAULT_ZERO_DTYPE,
-    check_flag,
-    check_skip_modules,
-    check_tile,
-    dtype_name,
-    resolve_scale_dtype,
-    resolve_zero_dtype,
-)
+from ..validation import check_flag, check_skip_modules, check_tile
+from .tile_int4 import DEFAULT_ZERO_DTYPE, dtype_name, resolve_scale_dtype, resolve_zero_dtype
 
 __all__ = ["TileInt4Spec", "resolve_spec"]
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import check_tile
+
 __all__ = [
     "DEFAULT_ZERO_DTYPE",
     "QMAX",
-    "check_flag",
-    "check_skip_modules",
-    "check_tile",
     "check_tile_shape",
     "dequantize_tiles",
     "pack_int4",
@@ -40,8 +39,8 @@ QMAX = 15  # largest 4-bit code
 
 # Zero-point dtype of quantize_model / TileInt4Config. A QA-BLoRA merge shifts beta and rounds it once into this dtype;
 # on SmolLM2-135M (trained adapters, 4x8 and 8x8 tiles) fp16 beta puts merged logits 1.0e-3 to 1.3e-2 (bf16: 2.9e-2 to
-# 0.2) away from the adapter-attached model, fp32 beta <= 3e-6 (benchmarks/qablora_merge_error.py), for 16 more bits
-# per tile (5.0 -> 5.5 bits per weight at 4x8, 4.5 -> 4.75 at 8x8).
+# 0.2) away from the adapter-attached model, fp32 beta <= 3e-6 (benchmarks/studies/qablora_merge_error.py), for 16
+# more bits per tile (5.0 -> 5.5 bits per weight at 4x8, 4.5 -> 4.75 at 8x8).
 DEFAULT_ZERO_DTYPE = torch.float32
 
 _SCALE_DTYPES: dict[str, torch.dtype] = {
@@ -84,51 +83,6 @@ def resolve_zero_dtype(zero_dtype: torch.dtype | str) -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float16`` -> ``"float16"`` (for JSON configs)."""
     return str(dtype).removeprefix("torch.")
-
-
-def check_tile(tile: object) -> tuple[int, int]:
-    """Validate ``tile = (l1, l2)``: two positive Python/NumPy integers (not bools). Returns ``(int(l1), int(l2))``."""
-    try:
-        items = list(tile)  # type: ignore[call-overload]
-    except TypeError:
-        items = None
-    if items is None or len(items) != 2:
-        raise ValueError(
-            f"tile must be a pair (l1, l2) of positive ints (l1 input features x l2 output features), got {tile!r}"
-        )
-    out = []
-    for label, value in zip(("l1 (input features)", "l2 (output features)"), items, strict=True):
-        if isinstance(value, bool) or not hasattr(value, "__index__"):
-            raise ValueError(f"tile {label} must be a positive int, got {value!r} in tile={tile!r}")
-        value = int(value.__index__())
-        if value <= 0:
-            raise ValueError(f"tile {label} must be a positive int, got {value} in tile={tile!r}")
-        out.append(value)
-    return out[0], out[1]
-
-
-def check_skip_modules(skip_modules: object) -> list[str]:
-    """Validate ``skip_modules``: ``None``, one module name or an iterable of names. Returns a list of names."""
-    if skip_modules is None:
-        return []
-    if isinstance(skip_modules, str):
-        return [skip_modules]
-    try:
-        names = list(skip_modules)  # type: ignore[call-overload]
-    except TypeError:
-        names = None
-    if names is None or not all(isinstance(name, str) for name in names):
-        raise ValueError(
-            f"skip_modules must be None, a module name (str) or a list of module names (str), got {skip_modules!r}"
-        )
-    return names
-
-
-def check_flag(name: str, value: object) -> bool:
-    """Validate a boolean option (``"no"`` would otherwise read as ``True``)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    return value
 
 
 def check_tile_shape(out_features: int, in_features: int, tile: tuple[int, int], name: str | None = None) -> None:

@@ -2,48 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from peft.config import PeftConfig
 
 from ..checkpoint import CheckedCheckpointMixin
-from ..quant.tile_int4 import check_flag
-from ..registry import extend_peft_type
-
-
-def check_number(name: str, value: object) -> None:
-    """Raise a ``ValueError`` naming the field unless ``value`` is a finite int or float (``bool`` is rejected)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}.")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}.")
-
-
-def check_positive_number(name: str, value: object) -> None:
-    """Raise a ``ValueError`` naming the field unless ``value`` is a number > 0."""
-    check_number(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}.")
-
-
-def check_module_names(name: str, value: object) -> None:
-    """Raise a ``ValueError`` naming the field unless ``value`` is ``None``, a string (regex or ``"all-linear"``)
-    or a list / set of strings."""
-    if value is None or isinstance(value, str):
-        return
-    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(item, str) for item in value):
-        return
-    raise ValueError(
-        f"{name} must be None, a module-name regex (str), 'all-linear' or a list of module names (str), got {value!r}."
-    )
-
-
-def check_count(name: str, value: object) -> None:
-    """Raise a ``ValueError`` naming the field unless ``value`` is an integer >= 0 (``bool`` is rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+from ..integration import extend_peft_type
+from ..validation import check_flag, check_module_names, check_number, check_positive_number
 
 
 @dataclass

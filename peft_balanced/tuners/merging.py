@@ -35,28 +35,6 @@ def dequantized_linear(module: nn.Module, dtype: torch.dtype | None = None) -> n
     return linear_from_weight(weight.to(dtype or weight.dtype), module.bias)
 
 
-def merge_into_dequantized(peft_model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Merge the active adapters of any peft model (ours, or peft's LoRA on a 4-bit base) into plain ``nn.Linear``
-    layers holding ``dequantize(W_base) + Σ_active ΔW`` in ``dtype``; returns the base model.
-
-    For tuners whose ``merge_and_unload`` has no ``dequantize`` option and would re-quantize a 4-bit base. Every
-    tuner layer must have ``get_delta_weight``; the adapters it holds are the keys of its first
-    ``adapter_layer_names`` container.
-    """
-    model = peft_model.get_base_model()
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        linear = dequantized_linear(module.get_base_layer(), dtype).to(dtype)
-        held = getattr(module, module.adapter_layer_names[0])
-        delta = sum(module.get_delta_weight(a).to(dtype) for a in module.active_adapters if a in held)
-        linear.weight.data = linear.weight.data.to(dtype) + delta
-        set_submodule(model, name, linear)
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-    return model
-
-
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, skip: Iterable[nn.Module] = ()) -> nn.Module:
     """Replace every quantized linear of ``model`` (outside tuner layers) by its dequantized ``nn.Linear``.
 

@@ -58,7 +58,8 @@ def _check_fp16_exact(tensor: torch.Tensor, label: str, name: str) -> None:
             f"{int(bad.sum())} of {bad.numel()} values are not exactly representable in float16 (Q4_1 stores an fp16 "
             f"scale d and minimum m). Quantize with scale_dtype='float16' and zero_dtype='float16' (e.g. "
             f"quantize_model(model, tile=(32, 1), scale_dtype='float16', zero_dtype='float16')); QA-BLoRA merges then "
-            f"round beta to float16 (see benchmarks/qablora_merge_error.py). Nothing is re-quantized silently."
+            f"round beta to float16 (see benchmarks/studies/qablora_merge_error.py). Nothing is re-quantized "
+            f"silently."
         )
 
 

@@ -12,10 +12,11 @@ in the mantissa of 1.0: at bits 19..22 it reads ``f = 1 + q / 16``, so ``sum x q
 (``gemv1_kernel``, one token, also uses bits 15..18, ``1 + q / 256``, to decode two nibbles per shift).
 Accumulation is float32; the result is rounded once to the output dtype.
 
-* ``gemv1_kernel``: one token (decode). H100, 4096 -> 11008, 4x8 tiles, fp16 alpha/beta: 19.9 us vs 37.8 us for a
-  bf16 ``nn.Linear`` (L2 flushed; ``benchmarks/int4_linear.py``).
+* ``gemv1_kernel``: one token (decode).
 * ``gemv_kernel``: up to ``GEMV_MAX_TOKENS`` tokens; the products of every token stay in registers, so its cost
-  grows with the token count (28 / 45 / 89 us at 2 / 4 / 8 tokens).
+  grows with the token count.
+
+Their timings against bf16 are in docs/benchmarks.md (tile-INT4 linear).
 
 :func:`gemv_reference` is the tile decomposition in torch (runs on CPU; used by the tests).
 """
@@ -42,8 +43,8 @@ __all__ = [
     "word_nibbles",
 ]
 
-# forward() uses the fused kernel up to this many tokens (rows of x), dequantize + cuBLAS above: on an H100 (4096 ->
-# 11008) the fused kernel took 19 / 28 / 45 / 89 / 289 us at 1 / 2 / 4 / 8 / 16 tokens, dequantize + cuBLAS 87-144 us.
+# forward() uses the fused kernel up to this many tokens (rows of x), dequantize + cuBLAS above: the crossover
+# measured in docs/benchmarks.md.
 GEMV_MAX_TOKENS = 8
 _WORD_DTYPES = {8: torch.int32, 4: torch.int16, 2: torch.uint8}
 
@@ -105,8 +106,8 @@ def gemv_reference(
 
 
 # Block shape per token bucket (next power of two of M): output rows per program, code words per step, warps, and
-# whether the next step's codes are loaded before this step's arithmetic. Measured on an H100 with
-# `benchmarks/int4_linear.py --tune` (4096 -> 11008, 4x8 tiles, fp16 alpha/beta).
+# whether the next step's codes are loaded before this step's arithmetic: the best of the int4 linear benchmark's
+# `--tune` search (4096 -> 11008, 4x8 tiles, fp16 alpha/beta; docs/benchmarks.md).
 _CONFIGS: dict[int, dict[str, int]] = {
     1: {"rows": 8, "block_w": 256, "num_warps": 4},  # gemv1_kernel
     2: {"rows": 8, "block_w": 128, "num_warps": 4, "prefetch": 1},

@@ -2,8 +2,8 @@
 
 The torch reference (``tile_int4.dequantize_tiles``) runs everywhere; on CUDA with Triton (>= 3.0, for
 ``tl.interleave``) installed, dequantization runs as one fused kernel instead of unpack / multiply / add passes
-(H200, 4096x4096 to bf16: 28 us vs 240 us; ``dequant_tiles_kernel``, used when ``l1`` is an even power of two, is
-faster still). Both compute ``q * alpha + beta`` in float32 without FMA contraction and round once to the output
+(``dequant_tiles_kernel`` when ``l1`` is an even power of two, ``dequant_kernel`` otherwise; timings in
+docs/benchmarks.md). Both compute ``q * alpha + beta`` in float32 without FMA contraction and round once to the output
 dtype, so they are bit-identical to the torch reference. The matmul itself stays ``F.linear`` (cuBLAS) here; for a
 few tokens ``TileInt4Linear`` uses the fused kernel of ``gemv.py`` instead.
 ``peft_balanced.set_kernel_preference("torch")`` forces the torch path.
@@ -15,8 +15,8 @@ import functools
 
 import torch
 
-from ...ops import TRITON_OPS, define_triton_op
 from ..tile_int4 import dequantize_tiles
+from .support import TRITON_OPS, define_triton_op
 
 __all__ = ["dequantize_tiles_on_device", "dequantized_linear", "triton_dequantize_tiles"]
 
@@ -73,8 +73,7 @@ def _build_kernel():  # pragma: no cover - needs CUDA
         EVEN: tl.constexpr,
     ):
         # For even power-of-two l1: one program = BLOCK_R rows x BLOCK_T tiles. Codes are (rows, tiles, l1) and
-        # alpha/beta (rows, tiles): one contiguous load each instead of a gather per element (H100, 11008x4096 to
-        # bf16: 49 us vs 70 us for dequant_kernel).
+        # alpha/beta (rows, tiles): one contiguous load each instead of a gather per element.
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         tiles = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         ok = (rows[:, None] < d_out) & (tiles[None, :] < n_tiles_in)
@@ -131,7 +130,7 @@ def triton_dequantize_tiles(
         kernel, tiles_kernel = torch.library.wrap_triton(kernel), torch.library.wrap_triton(tiles_kernel)
     if l1 % 2 == 0 and l1 & (l1 - 1) == 0 and l1 <= 64:
         n_tiles_in = (2 * half_in) // l1
-        block_r, block_t = 8, max(512 // l1, 1)  # best of 8 shapes on an H100
+        block_r, block_t = 8, max(512 // l1, 1)  # the best of 8 block shapes measured
         grid = (triton.cdiv(d_out, block_r), triton.cdiv(n_tiles_in, block_t))
         tiles_kernel[grid](
             packed.contiguous(),
@@ -148,7 +147,7 @@ def triton_dequantize_tiles(
             num_warps=4,
         )
         return out
-    block_r, block_c = 16, 128  # measured best of 7 shapes on an H200 (4096x4096: 28 us vs 240 us for torch)
+    block_r, block_c = 16, 128  # the best of 7 block shapes measured
     grid = (triton.cdiv(d_out, block_r), triton.cdiv(half_in, block_c))
     kernel[grid](
         packed.contiguous(),

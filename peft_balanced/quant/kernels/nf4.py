@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...ops import TRITON_OPS, define_triton_op
 from ...settings import fast_nf4_allowed
-from .support import triton_available
+from .support import TRITON_OPS, define_triton_op, triton_available
 
 __all__ = ["MIN_TOKENS", "nf4_dequantize", "nf4_dequantize_reference", "nf4_linear", "uses_fast_nf4"]
 

@@ -1,15 +1,16 @@
-"""Whether the Triton kernels can run here: CUDA present, Triton (>= 3.0, for ``tl.interleave``) importable, and
-the kernel preference (``peft_balanced.settings``) allowing them."""
+"""Whether the Triton kernels can run here (CUDA present, Triton >= 3.0 importable for ``tl.interleave``, the kernel
+preference of ``peft_balanced.settings`` allowing them), and how they become ``torch.library`` ops."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from ...settings import triton_allowed
 
-__all__ = ["triton_available", "triton_interpreting"]
+__all__ = ["TRITON_OPS", "define_triton_op", "triton_available", "triton_interpreting"]
 
 
 _triton_found: bool | None = None  # decided once per process, at the first question
@@ -37,3 +38,35 @@ def triton_available() -> bool:
 def triton_interpreting() -> bool:
     """True under ``TRITON_INTERPRET=1``: Triton runs kernels on CPU tensors with numpy (the kernel tests use it)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# The kernels are ``torch.library.triton_op`` ops (torch >= 2.6): dynamo records the op and never traces the building
+# of a kernel, and inductor traces the op's body and launches the kernel from its own generated code.
+TRITON_OPS = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+def _registered(name: str) -> bool:
+    try:
+        getattr(torch.ops.peft_balanced, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def define_triton_op(name: str, function):
+    """``torch.library.triton_op("peft_balanced::<name>")`` once per process: a custom op whose body inductor traces,
+    so compiled code launches its Triton kernel directly (no per-call Python dispatch; the body must launch its
+    kernels through ``torch.library.wrap_triton``). The body is also the op's fake implementation.
+
+    Without Triton installed (a CPU machine) torch logs "Triton not available" while it looks for kernels in the body;
+    the op still works there (its body falls back to torch), so that one record is kept out of the user's log.
+    """
+    if _registered(name):
+        return None
+    finder_log = logging.getLogger("torch._library.triton")
+    level = finder_log.level
+    finder_log.setLevel(logging.ERROR)
+    try:
+        return torch.library.triton_op(f"peft_balanced::{name}", function, mutates_args=())
+    finally:
+        finder_log.setLevel(level)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...ops import check_factor
-from ...quant.tile_int4 import check_flag
+from ...validation import check_flag, check_positive_int
 from ..base_config import AdapterConfig
 
 
@@ -51,8 +50,8 @@ class BLoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_factor("BLoRAConfig.r", self.r)
-        check_factor("BLoRAConfig.balance_factor", self.balance_factor)
+        check_positive_int("BLoRAConfig.r", self.r)
+        check_positive_int("BLoRAConfig.balance_factor", self.balance_factor)
         check_flag("BLoRAConfig.skip_indivisible", self.skip_indivisible)
 
     def expected_rank_dims(self) -> dict[str, tuple[int, int]]:

@@ -127,8 +127,9 @@ class GradientApproximation:
             loss = approx.step(step, batch)   # exact (forward + backward + fit) or approximated (forward only)
             optimizer.step(); optimizer.zero_grad()
 
-    Inside ``transformers.Trainer`` / TRL's ``SFTTrainer`` use :class:`~peft_balanced.GradApproxTrainer` or
-    :func:`~peft_balanced.with_gradient_approximator`. Batches need ``labels`` (``-100`` = no loss).
+    Inside ``transformers.Trainer`` / TRL's ``SFTTrainer`` use :class:`~peft_balanced.experimental.GradApproxTrainer`
+    or :func:`~peft_balanced.experimental.with_gradient_approximator`. Batches need ``labels`` (``-100`` = no loss).
+    Experimental: import it from :mod:`peft_balanced.experimental` (the package root does not export it).
     """
 
     def __init__(self, model: nn.Module, adapter_name: str | None = None) -> None:

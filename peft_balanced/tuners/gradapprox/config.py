@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from ...ops import check_factor
-from ..base_config import AdapterConfig, check_count, check_positive_number
+from ...validation import check_count, check_positive_int, check_positive_number
+from ..base_config import AdapterConfig
 
 INIT_MODES = ("gradient", "lora")
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
@@ -54,8 +54,8 @@ class GradApproxConfig(AdapterConfig):
         stable_gamma: γ of the ``"stable"`` scale.
         sketch_seed: Seed of the random test matrices (identical on every process, so DDP ranks agree).
         approximator_depth: Residual blocks of the learned gradient approximator (experimental, see
-            :class:`~peft_balanced.tuners.gradapprox.approximator.GradientApproximation`): ``0`` = off (default),
-            ``1..5`` = on. It is used by :class:`~peft_balanced.GradApproxTrainer` (or a plain loop through
+            :class:`~peft_balanced.experimental.GradientApproximation`): ``0`` = off (default), ``1..5`` = on. It
+            is used by :class:`~peft_balanced.experimental.GradApproxTrainer` (or a plain loop through
             ``GradientApproximation``); it does not change the adapter or its checkpoint.
         approximator_width: Hidden width of the approximator.
         refresh_every: K: after the warm-up, every K-th optimizer step runs full backprop (and trains the
@@ -107,9 +107,9 @@ class GradApproxConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_factor("GradApproxConfig.r", self.r)
-        check_factor("GradApproxConfig.estimation_batches", self.estimation_batches)
-        check_factor("GradApproxConfig.sketch_passes", self.sketch_passes)
+        check_positive_int("GradApproxConfig.r", self.r)
+        check_positive_int("GradApproxConfig.estimation_batches", self.estimation_batches)
+        check_positive_int("GradApproxConfig.sketch_passes", self.sketch_passes)
         check_count("GradApproxConfig.oversampling", self.oversampling)
         check_count("GradApproxConfig.sketch_seed", self.sketch_seed)
         check_positive_number("GradApproxConfig.stable_gamma", self.stable_gamma)
@@ -124,7 +124,7 @@ class GradApproxConfig(AdapterConfig):
                 f"GradApproxConfig.approximator_depth must be an integer in 0..5 (0 = approximator off), got {depth!r}."
             )
         for name in ("approximator_width", "refresh_every", "approximator_tokens"):
-            check_factor(f"GradApproxConfig.{name}", getattr(self, name))
+            check_positive_int(f"GradApproxConfig.{name}", getattr(self, name))
         check_count("GradApproxConfig.approximator_warmup_steps", self.approximator_warmup_steps)
         for name in ("approximator_lr", "approximator_clip"):
             check_positive_number(f"GradApproxConfig.{name}", getattr(self, name))

@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...quant.tile_int4 import check_tile
+from ...validation import check_tile
 from ..base_config import AdapterConfig
 
 # lora_alpha values at or above this look carried over from a LoRA config (alpha = r or 2r: 8, 16, 32, ...).
@@ -24,7 +24,7 @@ class QABLoRAConfig(AdapterConfig):
     every quantization tile. Merging therefore only shifts each tile's zero point, ``β ← β + s·H/λ1``, and the merged
     model is still 4-bit. The new β is rounded once into the base's zero-point dtype: float32 (the default of
     ``quantize_model`` / ``TileInt4Config``) keeps merged logits within ~2e-6 of the attached adapter's; float16 β
-    costs 1e-3 to 1e-2 on SmolLM2 (``benchmarks/qablora_merge_error.py``).
+    costs 1e-3 to 1e-2 on SmolLM2 (``benchmarks/studies/qablora_merge_error.py``).
 
     Scaling: ``s = lora_alpha`` (default 1.0), **not** LoRA's ``lora_alpha / r``. There is no rank (``H`` is a full
     matrix on the tile grid), so there is nothing to divide by; ``lora_alpha=1`` gives ``ΔW = H / λ1`` per weight.
