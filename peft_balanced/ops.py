@@ -16,22 +16,53 @@ merge of a balanced adapter exact.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def group_sum(x: torch.Tensor, factor: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum consecutive groups of ``factor`` features: ``(..., D) -> (..., D // factor)``, in ``dtype`` (default
+    ``x``'s), with one rounding as ``Tensor.sum(dtype=...)``.
+
+    ``factor == 2`` into an equal or wider dtype is one strided elementwise add (a reduction over an innermost
+    dimension of 2 runs far below bandwidth on CUDA); its value equals the reduction's: two terms, rounded once.
+    """
+    if factor == 1:
+        return x if dtype is None else x.to(dtype)
+    _check_divisible(x, factor, "sum")
+    if factor == 2 and _widens(x, dtype):
+        even = x[..., 0::2]
+        return (even if dtype is None else even.to(dtype)) + x[..., 1::2]
+    return x.unflatten(-1, (-1, factor)).sum(dim=-1, dtype=dtype)
 
 
 def pool(x: torch.Tensor, factor: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Average consecutive groups of ``factor`` features: ``(..., D) -> (..., D // factor)``.
 
     With ``dtype``, the input is read as ``dtype`` and the mean computed and returned in it, in one pass (no cast copy
-    of the full-width input).
+    of the full-width input). ``factor == 2`` into an equal or wider dtype halves :func:`group_sum` (exact: a power
+    of two), so it equals the mean for every result above the dtype's subnormal range.
     """
     if factor == 1:
         return x if dtype is None else x.to(dtype)
+    _check_divisible(x, factor, "pool")
+    if factor == 2 and _widens(x, dtype):
+        return group_sum(x, 2, dtype) * 0.5
+    return x.unflatten(-1, (-1, factor)).mean(dim=-1, dtype=dtype)
+
+
+def _widens(x: torch.Tensor, dtype: torch.dtype | None) -> bool:
+    """Whether ``dtype`` holds ``x``'s values exactly (the strided fast paths; a narrowing keeps the reductions, whose
+    rounding of the inputs differs between ``sum`` and ``mean``)."""
+    return dtype is None or torch.promote_types(dtype, x.dtype) == dtype
+
+
+def _check_divisible(x: torch.Tensor, factor: int, verb: str) -> None:
     if x.shape[-1] % factor:
         raise ValueError(
-            f"Cannot pool {x.shape[-1]} features by {factor}: {x.shape[-1]} is not a multiple of {factor}."
+            f"Cannot {verb} {x.shape[-1]} features by {factor}: {x.shape[-1]} is not a multiple of {factor}."
         )
-    return x.unflatten(-1, (-1, factor)).mean(dim=-1, dtype=dtype)
 
 
 def expand(z: torch.Tensor, factor: int) -> torch.Tensor:
@@ -70,10 +101,17 @@ def _compute_dtype(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.dtype:
     return weights[0].dtype
 
 
+def _autocast_off(device_type: str):
+    """``autocast(enabled=False)`` where autocast is on; nothing (no context-manager cost per call) where it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _balanced_forward(base, x, weights, scaling, k_in, k_out, compute_dtype):
     """``(out, hidden, cast)``: the fused add, the small activations ``[pool(x), W_1 pool(x), …]`` (``n`` of them,
     the last product excluded) and the weights cast to ``compute_dtype``. Autocast is off inside."""
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x.device.type):
         cast = [weight.to(compute_dtype) for weight in weights]
         hidden = [pool(x, k_in, dtype=compute_dtype)]
         for weight in cast:
@@ -86,7 +124,7 @@ def _balanced_forward(base, x, weights, scaling, k_in, k_out, compute_dtype):
 def _balanced_backward(grad, hidden, cast, scaling, k_in, k_out, x_dtype, weight_dtypes, needs_x, needs_weights):
     """``(grad_x, [grad_W_i])`` of :func:`_balanced_forward` for the output gradient ``grad: (..., D_out)``."""
     n = len(cast)
-    grad_small = grad.unflatten(-1, (-1, k_out)).sum(dim=-1, dtype=cast[-1].dtype) * scaling
+    grad_small = group_sum(grad, k_out, cast[-1].dtype) * scaling
     grad_weights = [None] * n
     for i in reversed(range(n)):
         if needs_weights[i]:

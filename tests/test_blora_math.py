@@ -11,7 +11,7 @@ from tiny import LLAMA_TARGETS, tiny_llama
 from torch import nn
 
 from peft_balanced import BLoRAConfig
-from peft_balanced.ops import add_balanced_adapter, add_expanded, expand, expand_blocks, pool
+from peft_balanced.ops import add_balanced_adapter, add_expanded, expand, expand_blocks, group_sum, pool
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
@@ -197,3 +197,20 @@ def test_blora_layer_output_comes_from_one_fused_adapter_node():
     layer = next(m for m in model.modules() if hasattr(m, "bal_A"))
     x = torch.randn(2, 3, layer.in_features, requires_grad=True)
     assert "BalancedAdd" in type(layer(x).grad_fn).__name__
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
+def test_pool_and_group_sum_by_two_equal_the_reductions_bit_for_bit(x_dtype, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 256) * torch.logspace(-3, 3, 256)).to(x_dtype)
+    reference_sum = x.unflatten(-1, (-1, 2)).sum(dim=-1, dtype=dtype)
+    reference_mean = x.unflatten(-1, (-1, 2)).mean(dim=-1, dtype=dtype)
+    assert group_sum(x, 2, dtype).dtype == reference_sum.dtype
+    assert torch.equal(group_sum(x, 2, dtype), reference_sum)
+    assert torch.equal(pool(x, 2, dtype), reference_mean)
+
+
+def test_group_sum_refuses_a_width_that_is_not_a_multiple_of_the_factor():
+    with pytest.raises(ValueError, match="Cannot sum 6 features by 4"):
+        group_sum(torch.ones(2, 6), 4)
