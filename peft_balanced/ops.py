@@ -172,6 +172,11 @@ def add_balanced_adapter(
 
     Under ``torch.compile`` dynamo traces this ``autograd.Function``, forward and backward, without a graph break,
     so inductor fuses the pooling, the expansion and the group sums with their neighbours (an opaque custom op here
-    was measured slower; docs/benchmarks.md).
+    was measured slower; docs/benchmarks.md). When no backward can follow (grad mode off, or no input requiring grad) it
+    runs the same ops outside the ``autograd.Function``: nothing is saved, and dynamo with dynamic shapes traces it
+    (it fails on the Function there: the float ``scaling`` takes the place of ``x``).
     """
+    tensors = (base, x, *weights)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):  # no backward: no autograd node
+        return _balanced_forward(base, x, weights, scaling, k_in, k_out, _compute_dtype(x, weights))[0]
     return _BalancedAdd.apply(base, x, scaling, k_in, k_out, *weights)

@@ -257,3 +257,27 @@ def test_resume_knows_every_recorded_method_seed_lr_steps_and_recipe(tmp_path):
     assert accuracy.done_jobs(tmp_path) == set()
     harness.append_record(tmp_path, {"method": "lora", "seed": 2, "settings": {"lr": 3e-4, "steps": 600}})
     assert accuracy.done_jobs(tmp_path) == {("lora", 2, 3e-4, 600, "default")}
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_through_compiled_decoder_layers_and_records_its_steps_per_second(tmp_path):
+    import torch._dynamo
+
+    bench = _bench(tmp_path, compile="default", save=False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    harness.run_group([harness.METHODS["qblora2"]], seed=0, bench=bench, log=lambda line: None)
+    (record,) = _records(bench.out)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert record["settings"]["compile"] == "default"
+    assert record["steps_per_second"] == pytest.approx(3 / record["train_seconds"], rel=1e-2)
+
+
+def test_the_accuracy_table_gives_each_method_its_steps_per_second_and_whether_it_trained_compiled():
+    def record(seconds, mode):
+        return {"settings": {"steps": 600, "compile": mode}, "train_seconds": seconds}
+
+    assert report.steps_per_second([record(300.0, "off"), record(200.0, "off")]) == "2.50"
+    assert report.steps_per_second([record(150.0, "default")]) == "4.00, compiled (default)"
+    assert report.steps_per_second([{"settings": {"steps": 600}, "train_seconds": 0}]) == ""

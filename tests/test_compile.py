@@ -143,6 +143,23 @@ def test_fullgraph_false_compiles_a_layer_between_its_graph_breaks(input_ids):
     assert counters["stats"]["unique_graphs"] >= 2
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["blora", "qblora", "qablora"])
+def test_a_dynamic_compiled_model_evaluates_new_lengths_without_grad_then_trains(method):
+    torch._dynamo.reset()
+    counters.clear()
+    model = compile_for_training(adapted(method), dynamic=True)
+    model.eval()
+    with torch.no_grad():
+        logits = [model(input_ids=torch.randint(0, 128, (2, n))).logits for n in (5, 8)]
+    model.train()
+    ids = torch.randint(0, 128, (2, 7))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert [t.shape[1] for t in logits] == [5, 8]
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]
+
+
 def test_compile_for_training_rejects_a_model_without_repeated_layers():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     with pytest.raises(ValueError, match="found no repeated decoder layers in Sequential"):

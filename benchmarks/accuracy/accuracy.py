@@ -50,6 +50,8 @@ import parallel
 from harness import Bench, Method, Settings
 from parallel import Job
 
+from peft_balanced.compilation import COMPILE_MODES
+
 DEFAULT_METHODS = (
     "base,lora,lora_ptq_int4,qlora,qlora_ptq_int4,qlora_ptq_nf4,qlora_requant,qblora1,qblora2,qblora4,qblora8,"
     "qablora4x8,qablora8x8,gradapprox"
@@ -221,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny numbers (2 steps, batch 2, 8 dev examples per task)")
     p.add_argument("--time-budget", type=float, default=0, help="seconds; skip runs estimated to end past it (0: off)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument(
+        "--compile",
+        default="off",
+        choices=("off", *COMPILE_MODES),
+        help="train through peft_balanced.compile_for_training in this mode (the speed benchmark's path)",
+    )
     return p
 
 
@@ -242,6 +250,7 @@ def make_settings(args: argparse.Namespace, device: str) -> tuple[Settings, dict
         eval_batch_size=pick["eval_batch_size"], max_length=args.max_length,
         estimation_batches=pick["estimation_batches"], refresh_every=args.refresh_every, device=device,
         dtype="bfloat16" if device.startswith("cuda") else "float32", save=not args.no_save, smoke=args.smoke,
+        compile=args.compile,
     )  # fmt: skip
     return settings, {"dev_limit": pick["dev_limit"], "train_limit": pick["train_limit"], "steps": pick["steps"],
                       "select_n": pick["select_n"]}  # fmt: skip

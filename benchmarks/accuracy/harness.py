@@ -156,6 +156,7 @@ class Settings:
     dtype: str = "float32"
     save: bool = True
     smoke: bool = False
+    compile: str = "off"  # "off" or a mode of peft_balanced.compile_for_training (each decoder layer compiled)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -217,6 +218,16 @@ def adapter_config(method: Method, settings: Settings):
             **common,
         )
     raise ValueError(f"method {method.name!r} has no adapter")
+
+
+def compile_training(peft_model: nn.Module, method: Method, settings: Settings) -> None:
+    """Compile ``peft_model``'s decoder layers for training when ``settings.compile`` is a mode (the speed benchmark's
+    path). Batches vary in length: dynamic shapes. peft's bitsandbytes LoRA layers (QLoRA) break the graph, so they
+    compile between the breaks; every other method must compile whole."""
+    if settings.compile == "off":
+        return
+    whole = not (method.adapter == "lora" and method.base == "nf4")
+    peft_balanced.compile_for_training(peft_model, mode=settings.compile, dynamic=True, fullgraph=whole)
 
 
 def sync(device: str) -> None:
@@ -339,6 +350,7 @@ def train(peft_model: nn.Module, method: Method, bench: Bench, seed: int, log: C
         "eval_curve": curve,
         "final": final,
         "train_seconds": round(clock.total, 3),
+        "steps_per_second": round(s.steps / clock.total, 3) if clock.total else None,
         "init_seconds": round(init_seconds, 3),
         "eval_seconds": round(sum(c["seconds"] for c in curve), 3),
         "approximator": approximation.history if approximation is not None else None,
@@ -384,6 +396,7 @@ def run_group(methods: Sequence[Method], seed: int, bench: Bench, log: Callable[
         from peft import get_peft_model
 
         peft_model = get_peft_model(model, adapter_config(lead, s))
+        compile_training(peft_model, lead, s)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         adapter_dtype = str(next(p.dtype for p in peft_model.parameters() if p.requires_grad))
         setup_seconds = time.perf_counter() - start
@@ -427,4 +440,6 @@ def run_group(methods: Sequence[Method], seed: int, bench: Bench, log: Callable[
         append_record(bench.out, record)
         records.append(record)
     del peft_model, model, scored
+    if s.compile != "off":
+        torch._dynamo.reset()  # every run builds a new model: keep the compiled layer's guards to this one
     return records

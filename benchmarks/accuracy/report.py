@@ -168,6 +168,15 @@ def per_seed_deltas(runs: dict[int, dict], reference: dict[int, dict]) -> str:
     return ", ".join(f"{100 * (runs[s]['mean_accuracy'] - reference[s]['mean_accuracy']):+.1f}" for s in seeds)
 
 
+def steps_per_second(records: list[dict]) -> str:
+    """Mean training steps per second over ``records`` (with ``, compiled`` when they trained compiled)."""
+    rates = [r["settings"]["steps"] / r["train_seconds"] for r in records if r.get("train_seconds")]
+    if not rates:
+        return ""
+    mode = records[0]["settings"].get("compile", "off")
+    return f"{statistics.fmean(rates):.2f}" + ("" if mode == "off" else f", compiled ({mode})")
+
+
 def accuracy_table(methods: dict[str, dict[int, dict]], reference: str, chosen: dict | None = None) -> str:
     """Markdown table: one row per method (in the order first seen) at its chosen lr, then the train-majority
     baseline."""
@@ -175,7 +184,7 @@ def accuracy_table(methods: dict[str, dict[int, dict]], reference: str, chosen: 
     first = next(iter(next(iter(methods.values())).values()))
     tasks = list(first["dev_n"])
     head = ["method", "trainable", "seeds", "lr", "mean"] + [f"{t} (n={first['dev_n'][t]})" for t in tasks]
-    head += [f"Δ vs {reference}", "Δ per seed", "train s", "peak GiB", "what"]
+    head += [f"Δ vs {reference}", "Δ per seed", "train s", "steps/s", "peak GiB", "what"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in methods.items():
         recs = [runs[s] for s in sorted(runs)]
@@ -192,6 +201,7 @@ def accuracy_table(methods: dict[str, dict[int, dict]], reference: str, chosen: 
             "" if delta is None else f"{delta[0]:+.1f} ± {delta[1]:.1f}",
             "" if delta is None else per_seed_deltas(runs, methods[reference]),
             f"{statistics.fmean(r['train_seconds'] for r in recs):.1f}",
+            steps_per_second(recs),
             f"{max(peaks) / 1024:.2f}" if peaks else "",
             recs[0]["about"]
             + (
@@ -203,7 +213,7 @@ def accuracy_table(methods: dict[str, dict[int, dict]], reference: str, chosen: 
         lines.append("| " + " | ".join(cells) + " |")
     majority = first["majority_baseline"]
     cells = ["majority", "0", "", "", points([statistics.fmean(majority.values())])]
-    cells += [points([majority[t]]) for t in tasks] + ["", "", "", "", "train split's most frequent answer, always"]
+    cells += [points([majority[t]]) for t in tasks] + ["", "", "", "", "", "train split's most frequent answer, always"]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
