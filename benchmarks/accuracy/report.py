@@ -213,7 +213,7 @@ def accuracy_table(methods: dict[str, dict[int, dict]], reference: str, chosen: 
         lines.append("| " + " | ".join(cells) + " |")
     majority = first["majority_baseline"]
     cells = ["majority", "0", "", "", points([statistics.fmean(majority.values())])]
-    cells += [points([majority[t]]) for t in tasks] + ["", "", "", "", "", "train split's most frequent answer, always"]
+    cells += [points([majority[t]]) for t in tasks] + [""] * 5 + ["train split's most frequent answer, always"]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
