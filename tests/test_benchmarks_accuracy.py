@@ -183,7 +183,9 @@ def test_report_picks_each_methods_lr_on_the_select_split_and_compares_best_with
     lines = capsys.readouterr().out.strip().splitlines()
     header = max(i for i, line in enumerate(lines) if line.startswith("| method | trainable |"))
     lora_row = next(line for line in lines[header:] if line.startswith("| lora |"))
-    assert f" | {report.choose_lr(methods['lora'])[0]:g} | " in lora_row
+    lr = report.choose_lr(methods["lora"])[0]
+    edge = "top" if lr == max(methods["lora"]) else "bottom"  # two lrs: the choice is at an edge, and says so
+    assert f" | {lr:g} ({edge} of grid) | " in lora_row
     assert any(line.startswith("| method | lr 0.0001 | lr 0.03 |") for line in lines)  # the whole grid is shown
 
 
@@ -231,7 +233,7 @@ def test_a_diverged_lr_is_shown_in_the_grid_and_never_chosen(tmp_path, capsys):
     harness.run_group([harness.METHODS["lora"]], 0, bench, lambda _: 0)
     job = parallel.Job(("lora",), 0, 3e-2, bench.settings.steps)
     settings = dataclasses.replace(bench.settings, lr=job.lr)
-    failed = accuracy.failure_record(harness.METHODS["lora"], job, dataclasses.replace(bench, settings=settings), "x")
+    failed = harness.failure_record(harness.METHODS["lora"], job, dataclasses.replace(bench, settings=settings), "x")
     harness.append_record(bench.out, failed)
     records = report.load_records(bench.out)
     (methods,) = report.latest(records).values()

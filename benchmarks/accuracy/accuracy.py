@@ -47,6 +47,7 @@ import warnings
 
 import harness
 import parallel
+from grid import chosen_lrs, done_jobs, extension_jobs
 from harness import Bench, Method, Settings
 from parallel import Job
 
@@ -108,7 +109,7 @@ def estimate_seconds(group: list[Method], bench: Bench, seed: int) -> float:
         schedule = harness.batch_schedule(len(bench.train_rows), s.steps, s.batch_size, seed)
         tokens_per_step = harness.padded_tokens(bench.train_rows, schedule) / s.steps
         per_step = rates.get(f"measured_{method.base}", rates["step"] + tokens_per_step / rates[method.base])
-        steps = s.steps + (2 * s.estimation_batches if method.adapter == "gradapprox" else 0)
+        steps = s.steps + {"gradapprox": 2, "lora_ga": 1}.get(method.adapter, 0) * s.estimation_batches
         seconds += steps * per_step
     return seconds
 
@@ -202,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="training runs at once, as separate processes (0: as many as GPU memory and CPU cores allow; 1 on CPU)",
     )
     p.add_argument("--resume", action="store_true", help="skip jobs whose results are already in --out")
+    p.add_argument(
+        "--extend-grid",
+        type=int,
+        default=3,
+        help="when a method's chosen lr is the largest or smallest of its grid, train it at the next lr outward "
+        "(half-decade steps), up to this many steps beyond --lrs, until the choice is interior (0: off; grid.py)",
+    )
     p.add_argument("--plan-file", default=None, help=argparse.SUPPRESS)  # set by --parallel for its workers
     p.add_argument("--worker-id", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
@@ -273,25 +281,6 @@ def groups_of(methods: list[Method]) -> list[list[Method]]:
     for method in methods:
         groups.setdefault(method.training_key, []).append(method)
     return list(groups.values())
-
-
-def chosen_lrs(path: str | os.PathLike) -> dict[str, float]:
-    """``{method: lr}`` chosen on the select split from the records at ``path`` (default recipe).
-
-    A method's lr comes from its lr grid: the step count at which it ran the most learning rates (so that later runs
-    at the chosen lr, e.g. longer ones, do not enter the choice)."""
-    import report
-
-    path = pathlib.Path(path)
-    folder = path.parent if path.is_file() else path
-    grids: dict[str, dict[int, dict[float, dict[int, dict]]]] = {}
-    for record in report.load_records(folder):
-        s = record["settings"]
-        if s.get("recipe", "default") == "default" and not record.get("failed"):
-            grids.setdefault(record["method"], {}).setdefault(s["steps"], {}).setdefault(s["lr"], {})[
-                record["seed"]
-            ] = record
-    return {name: report.choose_lr(max(by_steps.values(), key=len))[0] for name, by_steps in grids.items()}
 
 
 def plan_jobs(methods: list[Method], args: argparse.Namespace, steps: list[int]) -> list[Job]:
@@ -375,25 +364,6 @@ def load_bench(args, parser, settings: Settings, limits: dict, log) -> Bench:
     return bench
 
 
-def failure_record(method: Method, job: Job, bench: Bench, error: str) -> dict:
-    """The record of a run that diverged: enough for the report to show it in the lr grid."""
-    return {"method": method.name, "about": method.about, "seed": job.seed, "lr": job.lr, "steps": job.steps,
-            "recipe": job.recipe, "base": method.base, "adapter": method.adapter, "finish": method.finish,
-            "dev_n": {t: len(r) for t, r in bench.dev.items()}, "failed": error,
-            "settings": dict(vars(bench.settings))}  # fmt: skip
-
-
-def done_jobs(out: pathlib.Path) -> set[tuple]:
-    """``(method, seed, lr, steps, recipe)`` of every record (results or divergences) in ``out/results.jsonl``."""
-    import report
-
-    if not (out / "results.jsonl").is_file():
-        return set()
-    records = report.load_records(out)
-    return {(r["method"], r["seed"], r["settings"]["lr"], r["settings"]["steps"], r["settings"].get("recipe",
-            "default")) for r in records}  # fmt: skip
-
-
 def execute(jobs: list[Job], bench: Bench, deadline: float | None, log, take=lambda index: True):
     """Run the jobs that ``take`` grants (all, or a worker's claims) and fit before ``deadline``; returns
     ``(records, jobs skipped for time)``."""
@@ -414,7 +384,7 @@ def execute(jobs: list[Job], bench: Bench, deadline: float | None, log, take=lam
         except harness.Diverged as err:  # a result too: this lr is out of the method's range
             log(f"    diverged: {err}")
             for method in group:
-                harness.append_record(bench.out, failure_record(method, job, bench_of_job, str(err)))
+                harness.append_record(bench.out, harness.failure_record(method, job, bench_of_job, str(err)))
             continue
         calibrate(bench, group_records[0])
         for rec in group_records:
@@ -437,16 +407,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
     start = time.time()
     methods, settings, limits, device = prepare(args, parser)
     try:
-        jobs = plan_jobs(methods, args, limits["steps"])
+        planned = jobs = plan_jobs(methods, args, limits["steps"])
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     if args.resume and not args.plan_file:
         done = done_jobs(pathlib.Path(args.out))
-        before = len(jobs)
         jobs = [j for j in jobs if not all((m, j.seed, j.lr, j.steps, j.recipe) in done for m in j.methods)]
-        print(f"--resume: {before - len(jobs)} of {before} jobs already have results in {args.out}", flush=True)
-        if not jobs:
-            return []
+        print(f"--resume: {len(planned) - len(jobs)} of {len(planned)} jobs already have results in {args.out}")
     deadline = args.deadline or (start + args.time_budget if args.time_budget else None)
     if args.plan_file:  # a worker of --parallel
         prefix = f"[w{args.worker_id}] "
@@ -456,29 +423,59 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
         records, _ = execute(jobs, bench, deadline, lambda line: print(prefix + line, flush=True),
                              take=lambda index: parallel.claim(plan, index, args.worker_id))  # fmt: skip
         return records
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    bench, records, skipped = None, [], []
+    while True:  # the planned jobs, then the grid extensions they call for (resumed: the extensions only)
+        if jobs:
+            bench, new, left = run_round(jobs, args, parser, device, deadline, settings, limits, bench)
+            records, skipped = records + new, skipped + left
+        jobs = next_round(args, planned, settings, deadline)
+        if not jobs:
+            break
+        planned = planned + jobs
+    for job in skipped:
+        log(f"not run, to run in another call: --methods {','.join(job.methods)} --seeds {job.seed} --lrs {job.lr:g} "
+            f"--steps {job.steps} --recipes {job.recipe}")  # fmt: skip
+    log(
+        f"done in {time.time() - start:.0f} s; table and plots: python benchmarks/accuracy/accuracy.py report {args.out}"
+    )
+    return records
+
+
+def run_round(jobs, args, parser, device: str, deadline, settings: Settings, limits: dict, bench: Bench | None):
+    """Run ``jobs`` in worker processes (``--parallel``) or in this process (the model loaded once, kept in the
+    returned bench for the next round); returns ``(bench, records, jobs skipped for time)``."""
     workers = args.parallel or parallel.auto_parallel(device, len(jobs))
     log = lambda line: print(line, flush=True)  # noqa: E731
     if workers > 1:
-        bench = None
-        jobs.sort(key=lambda job: -job.steps * (3 if "gradapprox" in job.methods[0] else 1))  # long ones first
+        jobs = sorted(jobs, key=lambda job: -job.steps * (3 if "gradapprox" in job.methods[0] else 1))  # long first
         plan = parallel.write_plan(pathlib.Path(args.out), jobs)
         log(f"plan: {len(jobs)} jobs on {workers} worker processes ({plan})")
         argv = getattr(args, "argv", None)
         codes = parallel.launch_workers(sys.argv[1:] if argv is None else argv, plan, workers, deadline)
         left = parallel.unclaimed(plan, jobs)
         failed = [i for i, code in enumerate(codes) if code]
-        log(f"done in {time.time() - start:.0f} s: workers failed: {failed or 'none'}; jobs not run: {len(left)}")
-        records, skipped = [], left
-    else:
-        bench = load_bench(args, parser, settings, limits, log)
-        log(f"plan: {len(jobs)} jobs in this process: " + "; ".join(job.label for job in jobs))
-        records, skipped = execute(jobs, bench, deadline, log)
-        log(f"done: {len(records)} results appended to {bench.out / 'results.jsonl'} in {time.time() - start:.0f} s")
-    for job in skipped:
-        log(f"not run, to run in another call: --methods {','.join(job.methods)} --seeds {job.seed} --lrs {job.lr:g} "
-            f"--steps {job.steps} --recipes {job.recipe}")  # fmt: skip
-    log(f"table and plots: python benchmarks/accuracy/accuracy.py report {args.out}")
-    return records
+        log(f"round done: workers failed: {failed or 'none'}; jobs not run: {len(left)}")
+        return bench, [], left
+    bench = bench or load_bench(args, parser, settings, limits, log)
+    log(f"plan: {len(jobs)} jobs in this process: " + "; ".join(job.label for job in jobs))
+    records, skipped = execute(jobs, bench, deadline, log)
+    log(f"round done: {len(records)} results appended to {bench.out / 'results.jsonl'}")
+    return bench, records, skipped
+
+
+def next_round(args, planned: list[Job], settings: Settings, deadline) -> list[Job]:
+    """The runs that extend a grid whose choice is at an edge (``--extend-grid``; none past the deadline)."""
+    import report
+
+    if not args.extend_grid or args.lrs_from or (deadline and time.time() >= deadline):
+        return []
+    if not (pathlib.Path(args.out) / "results.jsonl").is_file():
+        return []
+    jobs = extension_jobs(report.load_records(args.out), planned, vars(settings), args.extend_grid)
+    for job in jobs:
+        print(f"grid edge: {job.label} (the choice was at an edge of the lrs tried)", flush=True)
+    return jobs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ class Method:
 
     name: str
     base: str  # "dense", "nf4" or "int4"
-    adapter: str  # "none", "lora", "blora", "qablora" or "gradapprox"
+    adapter: str  # "none", "lora", "lora_ga", "blora", "qablora" or "gradapprox"
     about: str
     balance: int = 1
     tile: tuple[int, int] = (4, 8)
@@ -106,6 +106,7 @@ METHODS: dict[str, Method] = {
             finish="requant_nf4",
             trains_as="qlora",
         ),
+        Method("lora_ga", "dense", "lora_ga", "peft LoRA-GA init (preprocess_loraga) on the 16-bit base"),
         Method("gradapprox", "dense", "gradapprox", "GradApprox init (LoRA-GA style) on the 16-bit base"),
         *(
             Method(f"gradapprox_d{d}", "dense", "gradapprox", f"GradApprox init + approximator depth {d}", depth=d)
@@ -201,6 +202,16 @@ def adapter_config(method: Method, settings: Settings):
         from peft import LoraConfig
 
         return LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, **common)
+    if method.adapter == "lora_ga":
+        from peft import LoraConfig, LoraGAConfig
+
+        return LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.lora_alpha,
+            init_lora_weights="lora_ga",
+            lora_ga_config=LoraGAConfig(),  # peft's defaults: direction ArB2r, stable scale, gamma 16
+            **common,
+        )
     if method.adapter == "blora":
         return peft_balanced.BLoRAConfig(
             r=settings.r, balance_factor=method.balance, lora_alpha=settings.lora_alpha, **common
@@ -290,11 +301,44 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "linear") -> f
     return max(0.0, 1.0 - (step - warmup) / max(1, total - warmup))
 
 
-def train(peft_model: nn.Module, method: Method, bench: Bench, seed: int, log: Callable[[str], None]) -> dict:
+def estimation_batches(bench: Bench, seed: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``estimation_batches`` training batches of ``seed``'s schedule (what gradient inits estimate from)."""
+    s = bench.settings
+    pad = bench.tokenizer.pad_token_id if bench.tokenizer.pad_token_id is not None else bench.tokenizer.eos_token_id
+    schedule = batch_schedule(len(bench.train_rows), s.steps, s.batch_size, seed)
+    return [make_train_batch(bench.train_rows, idx, pad, s.device) for idx in schedule[: s.estimation_batches]]
+
+
+def preprocess_lora_ga(model: nn.Module, config, bench: Bench, seed: int) -> float:
+    """peft's LoRA-GA gradient estimate on ``model`` (before ``get_peft_model``) over the same batches GradApprox
+    estimates from; returns its seconds (they count as training time)."""
+    from peft import preprocess_loraga
+
+    batches = estimation_batches(bench, seed)
+
+    def train_step() -> None:
+        for batch in batches:
+            data.completion_loss(model, batch).backward()
+
+    clock = Stopwatch(bench.settings.device)
+    clock.start()
+    preprocess_loraga(model, config, train_step)
+    return clock.stop()
+
+
+def train(
+    peft_model: nn.Module,
+    method: Method,
+    bench: Bench,
+    seed: int,
+    log: Callable[[str], None],
+    init_seconds: float = 0.0,
+) -> dict:
     """AdamW on the adapter over ``settings.steps`` batches; dev evaluations every ``eval_every`` steps.
 
     Returns the train-loss curve, the eval curve (step, training seconds so far, accuracies), the training time
-    (GradApprox's initialization included, evaluations excluded) and token counts.
+    (a gradient init included: GradApprox's here, LoRA-GA's ``init_seconds`` before; evaluations excluded) and token
+    counts.
     """
     s = bench.settings
     pad = bench.tokenizer.pad_token_id if bench.tokenizer.pad_token_id is not None else bench.tokenizer.eos_token_id
@@ -302,11 +346,11 @@ def train(peft_model: nn.Module, method: Method, bench: Bench, seed: int, log: C
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     clock = Stopwatch(s.device)
-    init_seconds = 0.0
+    clock.total = init_seconds
     peft_model.train()
     if method.adapter == "gradapprox":
+        batches = estimation_batches(bench, seed)
         clock.start()
-        batches = [make_train_batch(bench.train_rows, idx, pad, s.device) for idx in schedule[: s.estimation_batches]]
         peft_balanced.init_gradapprox(peft_model, batches, progress=False)
         init_seconds = clock.stop()
     approximation = GradientApproximation(peft_model) if method.depth else None
@@ -395,12 +439,14 @@ def run_group(methods: Sequence[Method], seed: int, bench: Bench, log: Callable[
     else:
         from peft import get_peft_model
 
-        peft_model = get_peft_model(model, adapter_config(lead, s))
+        config = adapter_config(lead, s)
+        init_seconds = preprocess_lora_ga(model, config, bench, seed) if lead.adapter == "lora_ga" else 0.0
+        peft_model = get_peft_model(model, config)
         compile_training(peft_model, lead, s)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         adapter_dtype = str(next(p.dtype for p in peft_model.parameters() if p.requires_grad))
         setup_seconds = time.perf_counter() - start
-        training = train(peft_model, lead, bench, seed, log)
+        training = train(peft_model, lead, bench, seed, log, init_seconds)
     records = []
     for method in sorted(methods, key=lambda m: m.finish != "none"):  # merges consume the adapter: last
         directory = save_dir(bench.out, f"{method.name}-s{seed}") if s.save and trainable else None
@@ -443,3 +489,11 @@ def run_group(methods: Sequence[Method], seed: int, bench: Bench, log: Callable[
     if s.compile != "off":
         torch._dynamo.reset()  # every run builds a new model: keep the compiled layer's guards to this one
     return records
+
+
+def failure_record(method: Method, job, bench: Bench, error: str) -> dict:
+    """The record of ``job`` (a ``parallel.Job``) when its run diverged: enough for the report to show it in the lr grid."""
+    return {"method": method.name, "about": method.about, "seed": job.seed, "lr": job.lr, "steps": job.steps,
+            "recipe": job.recipe, "base": method.base, "adapter": method.adapter, "finish": method.finish,
+            "dev_n": {t: len(r) for t, r in bench.dev.items()}, "failed": error,
+            "settings": dict(vars(bench.settings))}  # fmt: skip

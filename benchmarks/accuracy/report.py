@@ -24,10 +24,12 @@ import pathlib
 import statistics
 from collections import defaultdict
 
+from grid import choose_lr, edge_of, select_score
+
 METHOD_ORDER = (  # benchmarks/accuracy/harness.py METHODS; other names follow in the order first seen
     "base", "lora", "blora2", "qlora", "qblora1", "qblora2", "qblora4", "qblora8", "qablora4x8", "qablora8x8",
     "lora_ptq_int4", "qlora_ptq_int4", "qlora_ptq_nf4", "qlora_requant",
-    "gradapprox", "gradapprox_d1", "gradapprox_d3", "gradapprox_d5",
+    "lora_ga", "gradapprox", "gradapprox_d1", "gradapprox_d3", "gradapprox_d5",
 )  # fmt: skip
 
 
@@ -85,31 +87,27 @@ def latest(records: list[dict]) -> dict[tuple, dict[str, dict[float, dict[int, d
     }
 
 
-def select_score(runs: dict[int, dict]) -> tuple[float, str]:
-    """Mean over seeds of the held-out select accuracy (``"select"``), or of dev accuracy when a run has none."""
-    if all(r.get("select") for r in runs.values()):
-        return statistics.fmean(r["select"]["mean_accuracy"] for r in runs.values()), "select"
-    return statistics.fmean(r["mean_accuracy"] for r in runs.values()), "dev"
-
-
-def choose_lr(by_lr: dict[float, dict[int, dict]]) -> tuple[float, str]:
-    """The lr with the best :func:`select_score` (ties: the smaller lr), and what chose it."""
-    if len(by_lr) == 1:
-        return next(iter(by_lr)), "only lr"
-    scores = {lr: select_score(runs) for lr, runs in sorted(by_lr.items())}
-    best = max(scores, key=lambda lr: (scores[lr][0], -lr))
-    return best, "select split" if all(how == "select" for _, how in scores.values()) else "dev (optimistic)"
-
-
-def best_runs(methods: dict[str, dict[float, dict[int, dict]]]) -> tuple[dict[str, dict[int, dict]], dict]:
-    """Each method's runs at its chosen lr, and ``{method: (lr, how chosen)}``."""
-    chosen = {name: choose_lr(by_lr) for name, by_lr in methods.items()}
+def best_runs(
+    methods: dict[str, dict[float, dict[int, dict]]], diverged: set = frozenset()
+) -> tuple[dict[str, dict[int, dict]], dict]:
+    """Each method's runs at its chosen lr, and ``{method: (lr, how chosen, edge)}``: ``edge`` is ``"top"`` or
+    ``"bottom"`` when the choice is the largest or smallest lr tried (diverged ones included), else ``None``."""
+    chosen = {}
+    for name, by_lr in methods.items():
+        bad = {lr for method, lr in diverged if method == name}
+        lr, how = choose_lr(by_lr, bad)
+        chosen[name] = (lr, how, edge_of(set(by_lr) | bad, lr))
     return {name: methods[name][chosen[name][0]] for name in methods}, chosen
+
+
+def edge_note(edge: str | None) -> str:
+    """What the tables say of a choice at an edge of the grid."""
+    return {"top": "top of grid", "bottom": "bottom of grid"}.get(edge, "")
 
 
 def lr_grid_table(methods: dict[str, dict[float, dict[int, dict]]], chosen: dict, diverged: set = frozenset()) -> str:
     """Dev accuracy (mean ± std over seeds) of every method at every lr, the select accuracy in brackets; the
-    chosen lr in bold."""
+    chosen lr in bold, and marked when it is at an edge of the method's grid."""
     lrs = sorted(
         {lr for name, by_lr in methods.items() if name != "base" for lr in by_lr} | {lr for _, lr in diverged}
     )
@@ -125,7 +123,8 @@ def lr_grid_table(methods: dict[str, dict[float, dict[int, dict]]], chosen: dict
                 continue
             score, how = select_score(runs)
             cell = f"{points([r['mean_accuracy'] for r in runs.values()])} [{100 * score:.1f}]"
-            cells.append(f"**{cell}**" if lr == chosen[name][0] else cell)
+            note = edge_note(chosen[name][2])
+            cells.append((f"**{cell}**" + (f" ({note})" if note else "")) if lr == chosen[name][0] else cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -190,12 +189,13 @@ def accuracy_table(methods: dict[str, dict[int, dict]], reference: str, chosen: 
         recs = [runs[s] for s in sorted(runs)]
         delta = paired_delta(runs, methods[reference]) if reference in methods and name != reference else None
         peaks = [r["peak_gpu_mib"] for r in recs if r.get("peak_gpu_mib")]
-        lr, how = chosen.get(name, (recs[0]["settings"]["lr"], "only lr"))
+        lr, how, edge = chosen.get(name, (recs[0]["settings"]["lr"], "only lr", None))
+        notes = [n for n in (edge_note(edge), "" if how in ("only lr", "select split") else how) if n]
         cells = [
             name,
             f"{recs[0]['trainable_params']:,}",
             ",".join(str(r["seed"]) for r in recs),
-            "" if name == "base" else f"{lr:g}" + ("" if how in ("only lr", "select split") else f" ({how})"),
+            "" if name == "base" else f"{lr:g}" + (f" ({', '.join(notes)})" if notes else ""),
             points([r["mean_accuracy"] for r in recs]),
             *(points([r["dev_accuracy"][t] for r in recs]) for t in tasks),
             "" if delta is None else f"{delta[0]:+.1f} ± {delta[1]:.1f}",
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     diverged = diverged_runs(records)
     for index, (setting, by_lr) in enumerate(latest(records).items()):
         _, steps, batch, r, recipe, smoke = setting
-        methods, chosen = best_runs(by_lr)
+        methods, chosen = best_runs(by_lr, diverged.get(setting, set()))
         dev_n = next(iter(next(iter(methods.values())).values()))["dev_n"]
         title = f"{steps} steps x {batch}, r {r}, recipe {recipe}{' (smoke)' if smoke else ''}"
         head = f"## {title}: {', '.join(f'{t} {n}' for t, n in dev_n.items())} dev examples ({sum(dev_n.values())})"
@@ -335,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 print("matplotlib is not installed: no plots (pip install matplotlib)")
         grid = lr_grid_table(by_lr, chosen, diverged.get(setting, set()))
-        grid_head = "Dev accuracy at every lr [select accuracy, which picks the lr]; bold: the chosen lr."
+        grid_head = (
+            "Dev accuracy at every lr [select accuracy, which picks the lr]; bold: the chosen lr (marked when it is "
+            "the largest or smallest lr tried: the optimum may lie beyond it)."
+        )
         speed = speed_table(methods)
         print(f"\n{head}\n\n{grid_head}\n\n{grid}\n\n{speed}")
         table = accuracy_table(methods, args.reference, chosen)

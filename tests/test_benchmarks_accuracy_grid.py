@@ -1,0 +1,127 @@
+"""The lr grid of benchmarks/accuracy: choices at an edge are extended outward, marked when they stay there, and
+peft's LoRA-GA runs in the same harness as GradApprox's anchor."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import pytest
+import torch
+from test_benchmarks_accuracy import _bench, _records
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy"))
+
+import accuracy  # noqa: E402
+import grid  # noqa: E402
+import harness  # noqa: E402
+import report  # noqa: E402
+from parallel import Job  # noqa: E402
+
+SETTINGS = {"batch_size": 16, "r": 16, "lora_alpha": 32.0, "qablora_alpha": 1.0, "warmup_steps": 10, "smoke": False}
+
+
+def record(method: str, seed: int, lr: float, select: float | None, steps: int = 200) -> dict:
+    """A results line: ``select=None`` is a diverged run."""
+    settings = {**SETTINGS, "lr": lr, "steps": steps, "recipe": "default"}
+    if select is None:
+        return {"method": method, "seed": seed, "failed": "loss is nan", "settings": settings}
+    return {"method": method, "seed": seed, "mean_accuracy": select, "select": {"mean_accuracy": select},
+            "settings": settings}  # fmt: skip
+
+
+def planned(lrs=(1e-4, 3e-4, 1e-3), seeds=(0, 1), methods=("lora",)) -> list[Job]:
+    return [Job(methods, seed, lr, 200) for lr in lrs for seed in seeds]
+
+
+@pytest.mark.parametrize(
+    ("lr", "up", "expected"), [(1e-3, True, 3e-3), (3e-3, True, 1e-2), (3e-4, False, 1e-4), (1e-4, False, 3e-5),
+                               (2e-4, True, 6e-4)]
+)  # fmt: skip
+def test_the_next_lr_outward_is_one_half_decade_step(lr, up, expected):
+    assert grid.next_lr(lr, up) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_choice_is_at_an_edge_when_it_is_the_largest_or_smallest_lr_tried():
+    assert grid.edge_of([1e-4, 3e-4, 1e-3], 1e-3) == "top"
+    assert grid.edge_of([1e-4, 3e-4, 1e-3], 1e-4) == "bottom"
+    assert grid.edge_of([1e-4, 3e-4, 1e-3], 3e-4) is None
+    assert grid.edge_of([1e-3], 1e-3) is None  # one lr is no grid
+
+
+def test_an_lr_where_one_seed_diverged_is_never_chosen():
+    by_lr = {1e-3: {0: record("lora", 0, 1e-3, 0.5)}, 3e-3: {0: record("lora", 0, 3e-3, 0.9)}}
+    assert grid.choose_lr(by_lr, diverged={3e-3}) == (1e-3, "only lr")
+
+
+def test_a_choice_at_the_top_of_the_grid_trains_every_seed_at_the_next_lr_up():
+    records = [record("lora", s, lr, acc) for s in (0, 1) for lr, acc in ((1e-4, 0.4), (3e-4, 0.5), (1e-3, 0.6))]
+    assert grid.extension_jobs(records, planned(), SETTINGS) == [Job(("lora",), 0, 3e-3, 200),
+                                                                 Job(("lora",), 1, 3e-3, 200)]  # fmt: skip
+
+
+def test_a_choice_at_the_bottom_of_the_grid_trains_at_the_next_lr_down():
+    records = [record("lora", 0, lr, acc) for lr, acc in ((1e-4, 0.6), (3e-4, 0.5), (1e-3, 0.4))]
+    assert grid.extension_jobs(records, planned(seeds=(0,)), SETTINGS) == [Job(("lora",), 0, 3e-5, 200)]
+
+
+def test_an_interior_choice_or_a_diverged_next_lr_ends_the_extension():
+    interior = [record("lora", 0, lr, acc) for lr, acc in ((1e-4, 0.4), (3e-4, 0.6), (1e-3, 0.5))]
+    assert grid.extension_jobs(interior, planned(seeds=(0,)), SETTINGS) == []
+    bounded = [record("lora", 0, lr, acc) for lr, acc in ((1e-4, 0.4), (3e-4, 0.5), (1e-3, 0.6), (3e-3, None))]
+    assert grid.extension_jobs(bounded, planned(seeds=(0,)), SETTINGS) == []
+
+
+def test_the_extension_stops_after_its_limit_of_steps_beyond_the_planned_grid():
+    rising = [(1e-4, 0.1), (3e-4, 0.2), (1e-3, 0.3), (3e-3, 0.4), (1e-2, 0.5)]
+    records = [record("lora", 0, lr, acc) for lr, acc in rising]
+    assert grid.extension_jobs(records, planned(seeds=(0,)), SETTINGS, limit=2) == []
+    assert grid.extension_jobs(records, planned(seeds=(0,)), SETTINGS, limit=3) == [Job(("lora",), 0, 3e-2, 200)]
+
+
+def test_a_grid_with_a_planned_run_not_yet_recorded_is_not_judged():
+    records = [record("lora", 0, lr, acc) for lr, acc in ((1e-4, 0.4), (3e-4, 0.5), (1e-3, 0.6))]
+    assert grid.extension_jobs(records, planned(seeds=(0, 1)), SETTINGS) == []
+
+
+def test_runs_of_another_setting_do_not_enter_the_grid():
+    records = [record("lora", 0, lr, acc) for lr, acc in ((1e-4, 0.4), (3e-4, 0.5), (1e-3, 0.6))]
+    records.append({**record("lora", 0, 3e-4, 0.99), "settings": {**records[1]["settings"], "r": 64}})
+    assert grid.extension_jobs(records, planned(seeds=(0,)), SETTINGS) == [Job(("lora",), 0, 3e-3, 200)]
+
+
+def test_the_benchmark_plans_the_extension_from_its_results_file(tmp_path):
+    for lr, acc in ((1e-4, 0.4), (3e-4, 0.5), (1e-3, 0.6)):
+        harness.append_record(tmp_path, record("lora", 0, lr, acc))
+    args = argparse.Namespace(extend_grid=3, lrs_from=None, out=str(tmp_path))
+    settings = harness.Settings(batch_size=16, r=16, lora_alpha=32.0)
+    assert accuracy.next_round(args, planned(seeds=(0,)), settings, None) == [Job(("lora",), 0, 3e-3, 200)]
+    off = argparse.Namespace(extend_grid=0, lrs_from=None, out=str(tmp_path))
+    assert accuracy.next_round(off, planned(seeds=(0,)), settings, None) == []
+
+
+def test_the_report_marks_a_choice_still_at_the_edge_of_its_grid():
+    by_lr = {lr: {0: record("lora", 0, lr, acc)} for lr, acc in ((1e-4, 0.4), (1e-3, 0.6))}
+    only = {1e-3: by_lr[1e-3]}
+    assert report.best_runs({"lora": by_lr})[1]["lora"] == (1e-3, "select split", "top")
+    assert report.best_runs({"lora": only})[1]["lora"] == (1e-3, "only lr", None)  # one lr: no grid, no edge
+    grid_row = report.lr_grid_table({"lora": by_lr}, report.best_runs({"lora": by_lr})[1]).splitlines()[-1]
+    assert grid_row.endswith("(top of grid) |")
+
+
+def test_lora_ga_initializes_from_the_gradient_and_counts_its_estimate_as_training_time(tmp_path):
+    bench = _bench(tmp_path, save=False, estimation_batches=2)
+    method = harness.METHODS["lora_ga"]
+    model = harness.build_base(method, bench)
+    config = harness.adapter_config(method, bench.settings)
+    seconds = harness.preprocess_lora_ga(model, config, bench, seed=0)
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, config)
+    b = peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert seconds > 0 and b.abs().sum() > 0  # LoRA's B starts at zero; LoRA-GA's from the gradient's subspace
+    harness.run_group([method], seed=0, bench=bench, log=lambda line: None)
+    (rec,) = _records(bench.out)
+    assert rec["method"] == "lora_ga" and 0 < rec["init_seconds"] <= rec["train_seconds"]
+    assert torch.isfinite(torch.tensor(rec["train_loss"])).all()
