@@ -125,3 +125,9 @@ def test_lora_ga_initializes_from_the_gradient_and_counts_its_estimate_as_traini
     (rec,) = _records(bench.out)
     assert rec["method"] == "lora_ga" and 0 < rec["init_seconds"] <= rec["train_seconds"]
     assert torch.isfinite(torch.tensor(rec["train_loss"])).all()
+
+
+def test_the_limit_counts_from_the_grid_as_asked_for_not_from_earlier_extensions():
+    rising = [(1e-4, 0.1), (3e-4, 0.2), (1e-3, 0.3), (3e-3, 0.4), (1e-2, 0.5), (3e-2, 0.6)]
+    records = [record("lora", 0, lr, acc) for lr, acc in rising]
+    assert grid.extension_jobs(records, planned(seeds=(0,)), SETTINGS, limit=3) == []

@@ -424,15 +424,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
                              take=lambda index: parallel.claim(plan, index, args.worker_id))  # fmt: skip
         return records
     log = lambda line: print(line, flush=True)  # noqa: E731
-    bench, records, skipped = None, [], []
+    bench, records, skipped, attempted = None, [], [], set(jobs)
     while True:  # the planned jobs, then the grid extensions they call for (resumed: the extensions only)
         if jobs:
             bench, new, left = run_round(jobs, args, parser, device, deadline, settings, limits, bench)
             records, skipped = records + new, skipped + left
-        jobs = next_round(args, planned, settings, deadline)
+        jobs = [job for job in next_round(args, planned, settings, deadline) if job not in attempted]
         if not jobs:
             break
-        planned = planned + jobs
+        attempted |= set(jobs)
     for job in skipped:
         log(f"not run, to run in another call: --methods {','.join(job.methods)} --seeds {job.seed} --lrs {job.lr:g} "
             f"--steps {job.steps} --recipes {job.recipe}")  # fmt: skip
@@ -465,7 +465,8 @@ def run_round(jobs, args, parser, device: str, deadline, settings: Settings, lim
 
 
 def next_round(args, planned: list[Job], settings: Settings, deadline) -> list[Job]:
-    """The runs that extend a grid whose choice is at an edge (``--extend-grid``; none past the deadline)."""
+    """The runs that extend a ``planned`` grid whose choice is at an edge (``--extend-grid``; none past the
+    deadline). The grid's edges come from the records, its limit from ``planned`` (the grid as asked for)."""
     import report
 
     if not args.extend_grid or args.lrs_from or (deadline and time.time() >= deadline):

@@ -80,7 +80,7 @@ def runs_by_lr(records: list[dict], method: str, steps: int, recipe: str, settin
 
 
 def extension_jobs(records: list[dict], planned: list[Job], settings: dict, limit: int = 3) -> list[Job]:
-    """The next runs outward for every planned grid (a method group, steps and recipe run at two or more lrs) whose
+    """The next runs outward (from what ``records`` tried) for every planned grid (a method group, steps and recipe run at two or more lrs) whose
     choice is at an edge; empty when every choice is interior, bounded by a divergence, or ``limit`` half-decade steps
     beyond the planned grid. A grid with a planned run that has no record yet is not judged."""
     grids: dict[tuple, dict[float, set[int]]] = {}
