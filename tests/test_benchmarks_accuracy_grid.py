@@ -131,3 +131,10 @@ def test_the_limit_counts_from_the_grid_as_asked_for_not_from_earlier_extensions
     rising = [(1e-4, 0.1), (3e-4, 0.2), (1e-3, 0.3), (3e-3, 0.4), (1e-2, 0.5), (3e-2, 0.6)]
     records = [record("lora", 0, lr, acc) for lr, acc in rising]
     assert grid.extension_jobs(records, planned(seeds=(0,)), SETTINGS, limit=3) == []
+
+
+def test_the_lr_transfer_table_gives_each_choice_as_a_multiple_of_loras_and_bounds_at_an_edge():
+    chosen = {"lora": (1e-3, "select split", None), "qblora2": (3e-3, "select split", None),
+              "qablora4x8": (1e-2, "select split", "top"), "base": (0.0, "only lr", None)}  # fmt: skip
+    rows = report.lr_transfer_table(chosen).splitlines()[2:]
+    assert rows == ["| qblora2 | 0.003 | 3 |", "| qablora4x8 | 0.01 | 10 or more |"]

@@ -129,6 +129,22 @@ def lr_grid_table(methods: dict[str, dict[float, dict[int, dict]]], chosen: dict
     return "\n".join(lines)
 
 
+def lr_transfer_table(chosen: dict, reference: str = "lora") -> str:
+    """Each method's chosen lr as a multiple of ``reference``'s (the lr-transfer question: does LoRA's tuned lr carry
+    over?); a ratio from a choice at a grid edge is a bound, not a value, and says so."""
+    if reference not in chosen:
+        return f"(no {reference} runs: no lr-transfer table)"
+    ref_lr, _, ref_edge = chosen[reference]
+    lines = [f"| method | chosen lr | × {reference}'s ({ref_lr:g}) |", "|---|---|---|"]
+    for name, (lr, _, edge) in chosen.items():
+        if name in ("base", reference):
+            continue
+        bound = {"top": " or more", "bottom": " or less"}.get(edge, "")
+        note = f" ({reference} at the {ref_edge} of its grid)" if ref_edge else ""
+        lines.append(f"| {name} | {lr:g} | {lr / ref_lr:.3g}{bound}{note} |")
+    return "\n".join(lines)
+
+
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
@@ -339,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             "Dev accuracy at every lr [select accuracy, which picks the lr]; bold: the chosen lr (marked when it is "
             "the largest or smallest lr tried: the optimum may lie beyond it)."
         )
-        speed = speed_table(methods)
+        speed = f"{speed_table(methods)}\n\nlr transfer:\n\n{lr_transfer_table(chosen)}"
         print(f"\n{head}\n\n{grid_head}\n\n{grid}\n\n{speed}")
         table = accuracy_table(methods, args.reference, chosen)
         sections.append(f"{head}\n\n{table}\n\n{grid_head}\n\n{grid}\n\n{speed}\n")
