@@ -354,7 +354,14 @@ def load_bench(args, parser, settings: Settings, limits: dict, log) -> Bench:
     log(f"loading SmolLM2-135M-Instruct from {gguf} ...")
     model, tokenizer = load_default_model(dtype=settings.torch_dtype, gguf_path=gguf)
     truncated = harness.tokenize_train(train_rows, tokenizer, settings.max_length)
-    meta = {"record": {"data": str(root), "gguf": gguf.name, "truncated_train_examples": truncated, **_versions()}}
+    meta = {
+        "record": {
+            "data": pathlib.Path(root).name,
+            "gguf": gguf.name,
+            "truncated_train_examples": truncated,
+            **_versions(),
+        }
+    }
     rates = dict(DEFAULT_RATES["cuda" if settings.device.startswith("cuda") else "cpu"])
     bench = Bench(model, tokenizer, train_rows, dev, settings, pathlib.Path(args.out), meta, rates, select)
     sizes = ", ".join(f"{t} {len(r)}" for t, r in dev.items())
@@ -423,7 +430,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
         records, _ = execute(jobs, bench, deadline, lambda line: print(prefix + line, flush=True),
                              take=lambda index: parallel.claim(plan, index, args.worker_id))  # fmt: skip
         return records
-    log = lambda line: print(line, flush=True)  # noqa: E731
     bench, records, skipped, attempted = None, [], [], set(jobs)
     while True:  # the planned jobs, then the grid extensions they call for (resumed: the extensions only)
         if jobs:
@@ -442,11 +448,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
     return records
 
 
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
 def run_round(jobs, args, parser, device: str, deadline, settings: Settings, limits: dict, bench: Bench | None):
     """Run ``jobs`` in worker processes (``--parallel``) or in this process (the model loaded once, kept in the
     returned bench for the next round); returns ``(bench, records, jobs skipped for time)``."""
     workers = args.parallel or parallel.auto_parallel(device, len(jobs))
-    log = lambda line: print(line, flush=True)  # noqa: E731
     if workers > 1:
         jobs = sorted(jobs, key=lambda job: -job.steps * (3 if "gradapprox" in job.methods[0] else 1))  # long first
         plan = parallel.write_plan(pathlib.Path(args.out), jobs)
@@ -475,7 +484,7 @@ def next_round(args, planned: list[Job], settings: Settings, deadline) -> list[J
         return []
     jobs = extension_jobs(report.load_records(args.out), planned, vars(settings), args.extend_grid)
     for job in jobs:
-        print(f"grid edge: {job.label} (the choice was at an edge of the lrs tried)", flush=True)
+        log(f"grid edge: {job.label} (the choice was at an edge of the lrs tried)")
     return jobs
 
 

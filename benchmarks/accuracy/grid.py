@@ -62,15 +62,16 @@ def edge_of(tried: Iterable[float], chosen: float) -> str | None:
     return None
 
 
-def runs_by_lr(records: list[dict], method: str, steps: int, recipe: str, settings: dict):
-    """``({lr: {seed: record}}, {lrs at which a seed diverged})`` of ``method`` in one comparable setting."""
+def runs_by_lr(records: list[dict], method: str, steps: int, recipe: str, settings: dict | None = None):
+    """``({lr: {seed: record}}, {lrs at which a seed diverged})`` of ``method`` at ``steps`` and ``recipe`` (and,
+    given ``settings``, only where they agree on :data:`COMPARABLE`)."""
     by_lr: dict[float, dict[int, dict]] = {}
     diverged: set[float] = set()
     for record in records:
         s = record["settings"]
         if record["method"] != method or s["steps"] != steps or s.get("recipe", "default") != recipe:
             continue
-        if any(s.get(key) != settings.get(key) for key in COMPARABLE):
+        if settings is not None and any(s.get(key) != settings.get(key) for key in COMPARABLE):
             continue
         if record.get("failed"):
             diverged.add(s["lr"])
@@ -119,16 +120,10 @@ def chosen_lrs(path: str | os.PathLike) -> dict[str, float]:
 
     path = pathlib.Path(path)
     folder = path.parent if path.is_file() else path
+    records = report.load_records(folder)
     grids: dict[str, dict[int, tuple[dict, set]]] = {}
-    for record in report.load_records(folder):
-        s = record["settings"]
-        if s.get("recipe", "default") != "default":
-            continue
-        by_lr, diverged = grids.setdefault(record["method"], {}).setdefault(s["steps"], ({}, set()))
-        if record.get("failed"):
-            diverged.add(s["lr"])
-        else:
-            by_lr.setdefault(s["lr"], {})[record["seed"]] = record
+    for method, steps in {(r["method"], r["settings"]["steps"]) for r in records}:
+        grids.setdefault(method, {})[steps] = runs_by_lr(records, method, steps, "default")
     return {
         name: choose_lr(*max(by_steps.values(), key=lambda grid: len(grid[0])))[0]
         for name, by_steps in grids.items()

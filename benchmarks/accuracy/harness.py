@@ -394,7 +394,6 @@ def train(
         "eval_curve": curve,
         "final": final,
         "train_seconds": round(clock.total, 3),
-        "steps_per_second": round(s.steps / clock.total, 3) if clock.total else None,
         "init_seconds": round(init_seconds, 3),
         "eval_seconds": round(sum(c["seconds"] for c in curve), 3),
         "approximator": approximation.history if approximation is not None else None,

@@ -54,10 +54,11 @@ def write_plan(out: pathlib.Path, jobs: list[Job]) -> pathlib.Path:
     """The plan file (atomically written) whose claims directory workers share."""
     plans = out / "plans"
     plans.mkdir(parents=True, exist_ok=True)
-    stem, n = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", 1
-    while (plans / f"{stem}.json").exists():  # a second round within the same second
-        stem, n = f"{stem.rsplit('.', 1)[0]}.{n}", n + 1
-    path = plans / f"{stem}.json"
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    path, n = plans / f"{stem}.json", 0
+    while path.exists():  # a second round within the same second
+        n += 1
+        path = plans / f"{stem}.{n}.json"
     tmp = path.with_suffix(".partial")
     tmp.write_text(json.dumps([dataclasses.asdict(job) for job in jobs]), encoding="utf-8")
     os.replace(tmp, path)
