@@ -17,9 +17,10 @@ parameters; QA-BLoRA's count is fixed by its tile, so ``qlora_match`` is QLoRA a
 Methods on the same kind of machine state are measured in interleaved rounds (one step of each per round, the order
 rotating; every method has its own model), so slow drifts of the machine hit all alike; step time is the median over
 ``--steps`` rounds after ``--warmup``. Peak memory of a method = its own resident memory (weights, adapter,
-optimizer state) + the transient peak of its steps. Also: GradApprox's gradient estimation on the NF4 model (time, peak memory), the autograd memory an
-adapter adds to one layer (LoRA vs BLoRA), and inference (prefill and batch-1 decode) of the bf16, NF4 and INT4
-models. Adapters use peft's default dtype (float32 weights); ``--adapter-dtype bf16`` casts them like TRL does.
+optimizer state) + the transient peak of its timed steps (warm-up steps, which hold compilation and autotuning
+buffers, are left out). Also: GradApprox's gradient estimation on the NF4 model (time, peak memory), the autograd
+memory an adapter adds to one layer (LoRA vs BLoRA), and inference (prefill and batch-1 decode) of the bf16, NF4 and
+INT4 models. Adapters use peft's default dtype (float32 weights); ``--adapter-dtype bf16`` casts them like TRL does.
 Writes ``speed.json`` and ``speed.log`` under ``--out`` (default ``$OUT`` or ``.``); the table is printed last.
 """
 
@@ -110,10 +111,10 @@ class Trainee:
             self.optimizer.zero_grad(set_to_none=True)
             sync()
             elapsed = time.perf_counter() - start
-        if torch.cuda.is_available():
-            self.transient = max(self.transient, torch.cuda.max_memory_allocated() - allocated)
-        if timed:
+        if timed:  # warm-up steps hold compilation and autotuning buffers: not the method's own memory
             self.times.append(elapsed)
+            if torch.cuda.is_available():
+                self.transient = max(self.transient, torch.cuda.max_memory_allocated() - allocated)
         self.losses.append(loss.item())
 
     def row(self, gc_on: bool, resident: int, gpu_s: float | None) -> dict:
