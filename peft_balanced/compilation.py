@@ -3,11 +3,12 @@
 Compiling each repeated decoder layer instead of the whole model keeps compile time to one layer's (the layers
 share one compiled graph: same code, same shapes) and leaves the embedding, the loss and peft's wrappers eager.
 The package's own nodes compile whole: dynamo traces the fused balanced-adapter add (an ``autograd.Function``,
-forward and backward), so inductor fuses it with its neighbours; the quantized layers' kernels (NF4 dequantize-matmul,
-tile-INT4 dequantize) are ``torch.library`` custom ops, and whether Triton is usable is decided outside the trace.
-So a decoder layer with BLoRA, Q-BLoRA or QA-BLoRA adapters compiles without graph breaks.
+forward and backward), so inductor fuses it with its neighbours; the quantized layers' dequantize kernels (NF4,
+tile-INT4) are ``torch.library.triton_op``s that inductor launches from its own code, and whether Triton is usable is
+decided outside the trace. So a decoder layer with BLoRA, Q-BLoRA or QA-BLoRA adapters compiles without graph breaks.
+Measured speed: docs/benchmarks.md ("compile_for_training").
 
-Not yet measured on a GPU (see docs/benchmarks.md). Limits:
+Limits:
 
 * Gradient checkpointing: transformers wraps each decoder layer in ``torch.utils.checkpoint`` (up to 5.24 around
   the layer's call, so the compiled layer runs inside it; from 5.25 inside the layer's ``forward``, so the compiled
@@ -22,7 +23,8 @@ Not yet measured on a GPU (see docs/benchmarks.md). Limits:
 * Changing the model's structure afterwards (adding, deleting or merging adapters, switching the active adapter)
   triggers a recompile on the next call; merging in place is fine, a new layer object is not seen.
 * Numerics: inductor fuses and reorders float32 operations, so float32 results are close to, not bit-identical
-  with, eager's; with ``emulate_precision_casts`` (the default) bf16 results follow eager's roundings.
+  with, eager's; with ``emulate_precision_casts`` (the default) bf16 results follow eager's roundings (bit for bit
+  in our tests on CUDA, and on the CPU from torch 2.13: older CPU inductors ignore the option).
 * Every compiled model adds guards to the one compiled decoder-layer code; more than
   ``torch._dynamo.config.recompile_limit`` (8) differently built models in one process cannot be compiled: with
   ``fullgraph=True`` that raises; raise the limit (``benchmarks/speed/speed.py`` does) or call
@@ -74,9 +76,9 @@ def compile_for_training(
     ``dynamic``: ``torch.compile``'s (``None``: static first, dynamic after a shape changes; ``False`` for
     ``"reduce-overhead"`` with fixed-length batches). ``emulate_precision_casts``: inductor rounds every
     intermediate to its eager dtype (bf16 / fp16) instead of keeping it in float32 inside a fused kernel, so
-    low-precision results follow eager's roundings (on CPU, bf16 training matched eager bit for bit in our tests);
-    ``False`` may be faster. ``fullgraph``: raise when a layer cannot be compiled as one graph (``False``: compile
-    between graph breaks). See this module's docstring for the limits.
+    low-precision results follow eager's roundings (bf16 training matched eager bit for bit in our tests on CUDA,
+    and on the CPU from torch 2.13); ``False`` may be faster. ``fullgraph``: raise when a layer cannot be compiled
+    as one graph (``False``: compile between graph breaks). See this module's docstring for the limits.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(

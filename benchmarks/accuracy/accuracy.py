@@ -47,6 +47,7 @@ import warnings
 
 import harness
 import parallel
+from estimate import DEFAULT_RATES, calibrate, estimate_seconds, eval_tokens
 from grid import chosen_lrs, done_jobs, extension_jobs
 from harness import Bench, Method, Settings
 from parallel import Job
@@ -63,69 +64,6 @@ FULL = {"steps": [200], "batch_size": 16, "eval_every": 25, "eval_batch_size": N
 SMOKE = {"steps": [2], "batch_size": 2, "eval_every": 1, "eval_batch_size": 16, "dev_limit": 8, "train_limit": 16,
          "estimation_batches": 2, "select_n": 4}  # fmt: skip
 EVAL_BATCH = {"cuda": 256, "cpu": 32}  # sequences per scoring batch (logits are kept only over the answer window)
-# Assumed speeds until a run of the same kind has been measured. CUDA: the H100 fact (~35k tok/s training SmolLM2
-# with LoRA), NF4 / INT4 bases at 0.7x, a fixed cost per step (launch- and Python-bound at ~1.1k tokens per step),
-# scoring (forward only) at 4x the training rate plus a cost per batch. CPU: measured here (2 cores, --smoke).
-DEFAULT_RATES = {
-    "cuda": {"dense": 35_000.0, "nf4": 24_500.0, "int4": 24_500.0, "step": 0.04, "eval": 140_000.0,
-             "eval_batch": 0.02, "setup": 5.0},
-    "cpu": {"dense": 400.0, "nf4": 300.0, "int4": 300.0, "step": 0.0, "eval": 800.0, "eval_batch": 0.0,
-            "setup": 3.0},
-}  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# time estimates
-
-
-def eval_tokens(bench: Bench) -> tuple[int, int]:
-    """Tokens and scoring batches of one dev evaluation (every choice of every example)."""
-    if "eval_tokens" not in bench.meta:
-        from peft_balanced.demo.data import tokenize_choice
-
-        lengths = [
-            len(tokenize_choice(bench.tokenizer, row["prompt"], choice)["input_ids"])
-            for rows in bench.dev.values()
-            for row in rows
-            for choice in row["choices"]
-        ]
-        bench.meta["eval_tokens"] = (sum(lengths), math.ceil(len(lengths) / bench.settings.eval_batch_size))
-    return bench.meta["eval_tokens"]
-
-
-def estimate_seconds(group: list[Method], bench: Bench, seed: int) -> float:
-    """Seconds one training run of ``group`` should take: setup, training (GradApprox: plus two sketch passes over
-    its estimation batches) and one dev evaluation per curve point and per merge. Measured speeds replace the
-    assumed ones once a run of the same base format (training) or any run (evaluation, setup) has finished."""
-    s, rates, method = bench.settings, bench.rates, group[0]
-    evals = 1
-    if method.adapter != "none":
-        evals += math.ceil(s.steps / s.eval_every) if s.eval_every else 1
-        evals += sum(m.finish != "none" for m in group)
-    tokens, batches = eval_tokens(bench)
-    per_eval = rates.get("measured_eval", batches * rates["eval_batch"] + tokens / rates["eval"])
-    seconds = rates.get("measured_setup", rates["setup"]) + evals * per_eval
-    if method.adapter != "none":
-        schedule = harness.batch_schedule(len(bench.train_rows), s.steps, s.batch_size, seed)
-        tokens_per_step = harness.padded_tokens(bench.train_rows, schedule) / s.steps
-        per_step = rates.get(f"measured_{method.base}", rates["step"] + tokens_per_step / rates[method.base])
-        steps = s.steps + {"gradapprox": 2, "lora_ga": 1}.get(method.adapter, 0) * s.estimation_batches
-        seconds += steps * per_step
-    return seconds
-
-
-def calibrate(bench: Bench, record: dict) -> None:
-    """Keep the seconds per training step, per evaluation and for setup measured in ``record``."""
-    train_only = record["train_seconds"] - record["init_seconds"]
-    if record["padded_tokens"] and train_only > 0:
-        bench.rates[f"measured_{record['base']}"] = train_only / len(record["train_loss"])
-    if record["eval_seconds"]:
-        bench.rates["measured_eval"] = record["eval_seconds"] / (
-            len(record["eval_curve"]) + (record["finish"] != "none")
-        )
-    bench.rates["measured_setup"] = record["setup_seconds"]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # command line
 
