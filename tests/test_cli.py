@@ -176,6 +176,19 @@ def test_probe_command_prints_the_table_and_a_recommendation(saved_tiny_llama, t
     assert "| 2 |" in out and "| 4 |" in out and "Recommendation:" in out
 
 
+@pytest.mark.slow
+def test_probe_command_runs_on_the_built_in_model(tmp_path, monkeypatch, capsys):
+    from datasets import Dataset
+
+    monkeypatch.setenv("PEFT_BALANCED_CACHE", str(tmp_path / "cache"))
+    rows = [f"Practice {i}: {i} + {2 * i} = {3 * i}. {i} + {i} = {2 * i}." for i in range(8)]
+    Dataset.from_dict({"text": rows}).to_parquet(str(tmp_path / "d.parquet"))
+    argv = ["probe", "--model_name_or_path", "default", "--dataset_name", str(tmp_path / "d.parquet")]
+    assert cli.main([*argv, "--num_batches", "1", "--per_device_train_batch_size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| {factor} |" in out for factor in (1, 2, 4, 8)) and "Recommendation:" in out
+
+
 def test_probe_command_refuses_a_bad_factor_list(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["probe", "--model_name_or_path", "x", "--dataset_name", "y", "--factors", "2,zero"])
