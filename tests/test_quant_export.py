@@ -86,7 +86,7 @@ def test_q4_1_blocks_dequantize_with_gguf_to_exactly_the_tile_int4_weight(tile):
     with torch.no_grad():
         linear.weight[3] += 2.5  # a row far from zero: the minimum m matters
         linear.weight[5, : tile[0]] = 0.75  # a constant tile: d = 0
-    layer = TileInt4Linear.from_linear(linear, tile, scale_dtype="float16")
+    layer = TileInt4Linear.from_linear(linear, tile, scale_dtype="float16", zero_dtype="float16")  # Q4_1's d, m
     blocks = tile_int4_to_q4_1(layer, "layer")
     assert blocks.dtype == np.uint8 and blocks.shape == (48, 192 // 32 * 20)
     restored = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_1)

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_balanced.quant import (
+    TileInt4Config,
     TileInt4Linear,
+    TileInt4Spec,
     dequantize_tiles,
     pack_int4,
     quantize_model,
@@ -90,7 +92,7 @@ def test_constant_tile_not_representable_in_fp16_stays_within_its_tiny_step():
 
 @pytest.mark.parametrize("scale_dtype", ["float16", "bf16", torch.float32])
 def test_scale_and_zero_have_tile_grid_shape_and_requested_dtype(scale_dtype):
-    packed, scale, zero = quantize_tiles(_weight(), (4, 8), scale_dtype)
+    packed, scale, zero = quantize_tiles(_weight(), (4, 8), scale_dtype, zero_dtype=scale_dtype)
     expected = {"float16": torch.float16, "bf16": torch.bfloat16}.get(scale_dtype, scale_dtype)
     assert packed.shape == (64, 64) and packed.dtype == torch.uint8
     assert scale.shape == zero.shape == (64 // 8, 128 // 4)
@@ -158,9 +160,17 @@ def test_zero_points_in_fp32_with_16_bit_scales_stay_within_half_a_step(scale_dt
     assert bool((err <= _expand(scale.float(), (4, 8)) / 2 * (1 + 1e-5) + 1e-6 * weight.abs()).all())
 
 
-def test_zero_dtype_defaults_to_the_scale_dtype_in_the_format_functions():
-    assert quantize_tiles(_weight(), (4, 8), torch.bfloat16)[2].dtype == torch.bfloat16
-    assert TileInt4Linear(128, 64, scale_dtype=torch.float16).zero.dtype == torch.float16
+def test_zero_points_default_to_float32_in_every_entry_point():
+    assert quantize_tiles(_weight(), (4, 8), torch.bfloat16)[2].dtype == torch.float32
+    assert TileInt4Linear(128, 64, scale_dtype=torch.float16).zero.dtype == torch.float32
+    assert TileInt4Linear.from_linear(nn.Linear(128, 64), (4, 8)).zero.dtype == torch.float32
+    assert TileInt4Spec((4, 8)).zero_dtype == torch.float32
+    assert TileInt4Config().torch_zero_dtype == torch.float32
+
+
+def test_zero_dtype_none_means_the_scale_dtype():
+    assert quantize_tiles(_weight(), (4, 8), torch.bfloat16, zero_dtype=None)[2].dtype == torch.bfloat16
+    assert TileInt4Linear(128, 64, scale_dtype=torch.float16, zero_dtype=None).zero.dtype == torch.float16
 
 
 # ---------------------------------------------------------------- TileInt4Linear

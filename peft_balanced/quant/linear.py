@@ -13,11 +13,11 @@ from .kernels.int4 import dequantize_tiles_on_device, dequantized_linear
 from .kernels.small_gemm import small_gemm_linear, use_small_gemm
 from .kernels.support import triton_available
 from .spec import TileInt4Spec, resolve_spec
-from .tile_int4 import check_tile_shape, dequantize_tiles, dtype_name, quantize_tiles
+from .tile_int4 import DEFAULT_ZERO_DTYPE, check_tile_shape, dequantize_tiles, dtype_name, quantize_tiles
 
 __all__ = ["TileInt4Linear"]
 
-_LOOSE_DEFAULTS = {"scale_dtype": torch.float16, "zero_dtype": None}  # of __init__ and from_linear
+_LOOSE_DEFAULTS = {"scale_dtype": torch.float16, "zero_dtype": DEFAULT_ZERO_DTYPE}  # of __init__ and from_linear
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -37,7 +37,7 @@ class TileInt4Linear(nn.Module):
 
     * ``qweight``: ``uint8 (out_features, in_features // 2)``, two 4-bit codes per byte.
     * ``scale`` (alpha) and ``zero`` (beta): ``(out_features // l2, in_features // l1)`` in ``scale_dtype`` and
-      ``zero_dtype`` (``None``: the scale's dtype).
+      ``zero_dtype`` (default float32, as everywhere in the package; ``None``: the scale's dtype).
     * ``bias``: ``(out_features,)`` or ``None``.
 
     The module has no parameters: nothing in it trains, and gradients flow to its input only. ``zero`` can be
@@ -61,7 +61,7 @@ class TileInt4Linear(nn.Module):
         compute_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         name: str | None = None,
-        zero_dtype: torch.dtype | str | None = None,
+        zero_dtype: torch.dtype | str | None = DEFAULT_ZERO_DTYPE,
     ) -> None:
         """``tile`` is a :class:`TileInt4Spec` (then ``scale_dtype`` / ``zero_dtype`` must keep their defaults) or
         the tile of one built from ``tile``, ``scale_dtype`` and ``zero_dtype`` (``None``: the scale's dtype)."""
@@ -91,7 +91,7 @@ class TileInt4Linear(nn.Module):
         tile: TileInt4Spec | tuple[int, int] = (4, 8),
         scale_dtype: torch.dtype | str = torch.float16,
         name: str | None = None,
-        zero_dtype: torch.dtype | str | None = None,
+        zero_dtype: torch.dtype | str | None = DEFAULT_ZERO_DTYPE,
     ) -> TileInt4Linear:
         """Quantize ``linear.weight`` (round-to-nearest) into a new module on the same device.
 

@@ -37,7 +37,8 @@ __all__ = [
 
 QMAX = 15  # largest 4-bit code
 
-# Zero-point dtype of quantize_model / TileInt4Config. A QA-BLoRA merge shifts beta and rounds it once into this dtype;
+# Zero-point dtype of every entry point (quantize_tiles, TileInt4Linear, TileInt4Spec, quantize_model,
+# TileInt4Config; None means the scale's dtype). A QA-BLoRA merge shifts beta and rounds it once into this dtype;
 # on SmolLM2-135M (trained adapters, 4x8 and 8x8 tiles) fp16 beta puts merged logits 1.0e-3 to 1.3e-2 (bf16: 2.9e-2 to
 # 0.2) away from the adapter-attached model, fp32 beta <= 3e-6 (benchmarks/studies/qablora_merge_error.py), for 16
 # more bits per tile (5.0 -> 5.5 bits per weight at 4x8, 4.5 -> 4.75 at 8x8).
@@ -153,7 +154,7 @@ def quantize_tiles(
     tile: tuple[int, int] = (4, 8),
     scale_dtype: torch.dtype | str = torch.float16,
     name: str | None = None,
-    zero_dtype: torch.dtype | str | None = None,
+    zero_dtype: torch.dtype | str | None = DEFAULT_ZERO_DTYPE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``weight`` to asymmetric min-max INT4 with one scale/zero per ``l1 x l2`` tile.
 
@@ -162,7 +163,7 @@ def quantize_tiles(
         tile: ``(l1, l2)``: ``l1`` input features x ``l2`` output features per tile.
         scale_dtype: storage dtype of ``scale`` (float16, bfloat16 or float32, or their names).
         name: layer name used in error messages.
-        zero_dtype: storage dtype of ``zero``; ``None`` means ``scale_dtype``.
+        zero_dtype: storage dtype of ``zero`` (default :data:`DEFAULT_ZERO_DTYPE`); ``None`` means ``scale_dtype``.
 
     Returns:
         ``(packed, scale, zero)``: ``packed`` is ``uint8 (D_out, D_in // 2)`` (see :func:`pack_int4`);

@@ -107,7 +107,8 @@ def gemv_reference(
 
 # Block shape per token bucket (next power of two of M): output rows per program, code words per step, warps, and
 # whether the next step's codes are loaded before this step's arithmetic: the best of the int4 linear benchmark's
-# `--tune` search (4096 -> 11008, 4x8 tiles, fp16 alpha/beta; docs/benchmarks.md).
+# `--tune` search (4096 -> 11008, 4x8 tiles, fp16 alpha and beta, measured before fp32 beta became the default;
+# docs/benchmarks.md).
 _CONFIGS: dict[int, dict[str, int]] = {
     1: {"rows": 8, "block_w": 256, "num_warps": 4},  # gemv1_kernel
     2: {"rows": 8, "block_w": 128, "num_warps": 4, "prefetch": 1},
