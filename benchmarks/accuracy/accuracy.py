@@ -48,7 +48,7 @@ import warnings
 import harness
 import parallel
 from estimate import DEFAULT_RATES, calibrate, estimate_seconds, eval_tokens
-from grid import chosen_lrs, done_jobs, extension_jobs
+from grid import chosen_lrs, done_jobs, extension_jobs, load_records
 from harness import Bench, Method, Settings
 from parallel import Job
 
@@ -414,13 +414,11 @@ def run_round(jobs, args, parser, device: str, deadline, settings: Settings, lim
 def next_round(args, planned: list[Job], settings: Settings, deadline) -> list[Job]:
     """The runs that extend a ``planned`` grid whose choice is at an edge (``--extend-grid``; none past the
     deadline). The grid's edges come from the records, its limit from ``planned`` (the grid as asked for)."""
-    import report
-
     if not args.extend_grid or args.lrs_from or (deadline and time.time() >= deadline):
         return []
     if not (pathlib.Path(args.out) / "results.jsonl").is_file():
         return []
-    jobs = extension_jobs(report.load_records(args.out), planned, vars(settings), args.extend_grid)
+    jobs = extension_jobs(load_records(args.out), planned, vars(settings), args.extend_grid)
     for job in jobs:
         log(f"grid edge: {job.label} (the choice was at an edge of the lrs tried)")
     return jobs

@@ -9,6 +9,7 @@ every method whose choice is at an edge trains at the next lr outward, one half-
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
@@ -111,16 +112,23 @@ def extension_jobs(records: list[dict], planned: list[Job], settings: dict, limi
     return jobs
 
 
+def load_records(out: str | pathlib.Path) -> list[dict]:
+    """Every record of ``out/results.jsonl``."""
+    path = pathlib.Path(out) / "results.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no results at {path}; run benchmarks/accuracy/accuracy.py --out {out} first")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in lines]
+
+
 def chosen_lrs(path: str | os.PathLike) -> dict[str, float]:
     """``{method: lr}`` chosen on the select split from the records at ``path`` (default recipe).
 
     A method's lr comes from its lr grid: the step count at which it ran the most learning rates (so that later runs
     at the chosen lr, e.g. longer ones, do not enter the choice)."""
-    import report
-
     path = pathlib.Path(path)
     folder = path.parent if path.is_file() else path
-    records = report.load_records(folder)
+    records = load_records(folder)
     grids: dict[str, dict[int, tuple[dict, set]]] = {}
     for method, steps in {(r["method"], r["settings"]["steps"]) for r in records}:
         grids.setdefault(method, {})[steps] = runs_by_lr(records, method, steps, "default")
@@ -133,10 +141,8 @@ def chosen_lrs(path: str | os.PathLike) -> dict[str, float]:
 
 def done_jobs(out: pathlib.Path) -> set[tuple]:
     """``(method, seed, lr, steps, recipe)`` of every record (results or divergences) in ``out/results.jsonl``."""
-    import report
-
     if not (out / "results.jsonl").is_file():
         return set()
-    records = report.load_records(out)
+    records = load_records(out)
     return {(r["method"], r["seed"], r["settings"]["lr"], r["settings"]["steps"], r["settings"].get("recipe",
             "default")) for r in records}  # fmt: skip

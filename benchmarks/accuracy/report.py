@@ -18,28 +18,18 @@ fall back to dev, and the table says so (an optimistic choice).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import statistics
 from collections import defaultdict
 
-from grid import choose_lr, edge_of, select_score
+from grid import choose_lr, edge_of, load_records, select_score
 
 METHOD_ORDER = (  # benchmarks/accuracy/harness.py METHODS; other names follow in the order first seen
     "base", "lora", "blora2", "qlora", "qblora1", "qblora2", "qblora4", "qblora8", "qablora4x8", "qablora8x8",
     "lora_ptq_int4", "qlora_ptq_int4", "qlora_ptq_nf4", "qlora_requant",
     "lora_ga", "gradapprox", "gradapprox_d1", "gradapprox_d3", "gradapprox_d5",
 )  # fmt: skip
-
-
-def load_records(out: str | pathlib.Path) -> list[dict]:
-    """Every record of ``out/results.jsonl``."""
-    path = pathlib.Path(out) / "results.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no results at {path}; run benchmarks/accuracy/accuracy.py --out {out} first")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [json.loads(line) for line in lines]
 
 
 def setting_of(record: dict) -> tuple:
