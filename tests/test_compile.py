@@ -3,6 +3,7 @@ same training numerics as eager (bf16: bit for bit; float32: within reassociatio
 
 import pytest
 import torch
+from packaging.version import Version
 from peft import LoraConfig, get_peft_model
 from tiny import LLAMA_TARGETS, tiny_llama
 from torch._dynamo.utils import counters
@@ -170,7 +171,7 @@ def test_compile_for_training_rejects_a_model_without_repeated_layers():
 # adapter, compiled in bf16, already differs from eager (6.9e-3 of the largest logit on torch 2.11), so bit-identity
 # on the CPU holds from 2.13 on. Older torch is covered by the float32 bound below and, on CUDA, by bit-identity.
 CPU_EMULATES_PRECISION_CASTS = pytest.mark.skipif(
-    tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 13),
+    Version(torch.__version__).release < (2, 13),
     reason="torch < 2.13's CPU inductor ignores emulate_precision_casts (plain transformers models differ too)",
 )
 

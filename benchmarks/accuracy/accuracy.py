@@ -64,6 +64,12 @@ FULL = {"steps": [200], "batch_size": 16, "eval_every": 25, "eval_batch_size": N
 SMOKE = {"steps": [2], "batch_size": 2, "eval_every": 1, "eval_batch_size": 16, "dev_limit": 8, "train_limit": 16,
          "estimation_batches": 2, "select_n": 4}  # fmt: skip
 EVAL_BATCH = {"cuda": 256, "cpu": 32}  # sequences per scoring batch (logits are kept only over the answer window)
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # command line
 
@@ -386,10 +392,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
     return records
 
 
-def log(line: str) -> None:
-    print(line, flush=True)
-
-
 def run_round(jobs, args, parser, device: str, deadline, settings: Settings, limits: dict, bench: Bench | None):
     """Run ``jobs`` in worker processes (``--parallel``) or in this process (the model loaded once, kept in the
     returned bench for the next round); returns ``(bench, records, jobs skipped for time)``."""
@@ -416,9 +418,7 @@ def next_round(args, planned: list[Job], settings: Settings, deadline) -> list[J
     deadline). The grid's edges come from the records, its limit from ``planned`` (the grid as asked for)."""
     if not args.extend_grid or args.lrs_from or (deadline and time.time() >= deadline):
         return []
-    if not (pathlib.Path(args.out) / "results.jsonl").is_file():
-        return []
-    jobs = extension_jobs(load_records(args.out), planned, vars(settings), args.extend_grid)
+    jobs = extension_jobs(load_records(args.out, missing_ok=True), planned, vars(settings), args.extend_grid)
     for job in jobs:
         log(f"grid edge: {job.label} (the choice was at an edge of the lrs tried)")
     return jobs

@@ -112,10 +112,12 @@ def extension_jobs(records: list[dict], planned: list[Job], settings: dict, limi
     return jobs
 
 
-def load_records(out: str | pathlib.Path) -> list[dict]:
-    """Every record of ``out/results.jsonl``."""
+def load_records(out: str | pathlib.Path, missing_ok: bool = False) -> list[dict]:
+    """Every record of ``out/results.jsonl`` (none if the file does not exist yet and ``missing_ok``)."""
     path = pathlib.Path(out) / "results.jsonl"
     if not path.is_file():
+        if missing_ok:
+            return []
         raise FileNotFoundError(f"no results at {path}; run benchmarks/accuracy/accuracy.py --out {out} first")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [json.loads(line) for line in lines]
@@ -141,8 +143,6 @@ def chosen_lrs(path: str | os.PathLike) -> dict[str, float]:
 
 def done_jobs(out: pathlib.Path) -> set[tuple]:
     """``(method, seed, lr, steps, recipe)`` of every record (results or divergences) in ``out/results.jsonl``."""
-    if not (out / "results.jsonl").is_file():
-        return set()
-    records = load_records(out)
+    records = load_records(out, missing_ok=True)
     return {(r["method"], r["seed"], r["settings"]["lr"], r["settings"]["steps"], r["settings"].get("recipe",
             "default")) for r in records}  # fmt: skip
