@@ -11,9 +11,8 @@ While nothing is set, the old environment flags are read here, and only here, as
 ``PEFT_BALANCED_DISABLE_TRITON=1`` means ``"torch"`` and ``PEFT_BALANCED_DISABLE_FAST_NF4=1`` means
 ``"bitsandbytes"``.
 
-Two more settings choose opt-in tile-INT4 kernels that are not yet measured on a GPU: the small-batch kernel
-(``set_int4_gemv_kernel("split_k")``, default ``"fused"``) and up to how many tokens the fused dequantize-GEMM runs
-instead of dequantize + cuBLAS (``set_int4_gemm_max_tokens(64)``, default 0: never).
+One more decides whether tile-INT4 layers time their kernels on first use for each layer shape and token count
+(``set_int4_autotune``, default on; ``quant/kernels/route.py``).
 """
 
 from __future__ import annotations
@@ -26,15 +25,11 @@ from enum import Enum
 from .validation import check_enum
 
 __all__ = [
-    "Int4GemvKernel",
     "KernelPreference",
-    "get_int4_gemm_max_tokens",
-    "get_int4_gemv_kernel",
     "get_kernel_preference",
-    "int4_gemv_kernel",
+    "int4_autotune_allowed",
     "kernel_preference",
-    "set_int4_gemm_max_tokens",
-    "set_int4_gemv_kernel",
+    "set_int4_autotune",
     "set_kernel_preference",
 ]
 
@@ -98,55 +93,19 @@ def fast_nf4_allowed() -> bool:
     return get_kernel_preference() is KernelPreference.AUTO
 
 
-class Int4GemvKernel(str, Enum):
-    """Which kernel ``TileInt4Linear`` runs for the few tokens it sends to a fused kernel (Triton on CUDA only).
-
-    * ``FUSED`` (default): ``quant/kernels/gemv.py``, one program per block of output rows over all of ``D_in``.
-    * ``SPLIT_K``: ``quant/kernels/splitk.py``, several programs per output block along ``D_in`` (opt-in: not yet
-      measured on a GPU); layers it does not support keep ``FUSED``.
-    """
-
-    FUSED = "fused"
-    SPLIT_K = "split_k"
+_int4_autotune = True
 
 
-_int4_gemv = Int4GemvKernel.FUSED
+def int4_autotune_allowed() -> bool:
+    """Whether a ``TileInt4Linear`` call on CUDA may time its kernels for a new layer shape and token count (see
+    ``quant/kernels/route.py``); default ``True``."""
+    return _int4_autotune
 
 
-def get_int4_gemv_kernel() -> Int4GemvKernel:
-    """The tile-INT4 small-batch kernel in force (default ``FUSED``)."""
-    return _int4_gemv
-
-
-def set_int4_gemv_kernel(kernel: Int4GemvKernel | str) -> None:
-    """Pick the tile-INT4 small-batch kernel for the whole process."""
-    global _int4_gemv
-    _int4_gemv = check_enum(Int4GemvKernel, kernel, "int4 gemv kernel")
-
-
-@contextmanager
-def int4_gemv_kernel(kernel: Int4GemvKernel | str) -> Iterator[Int4GemvKernel]:
-    """Use ``kernel`` inside the ``with`` block and restore the previous choice after it."""
-    global _int4_gemv
-    previous, _int4_gemv = _int4_gemv, check_enum(Int4GemvKernel, kernel, "int4 gemv kernel")
-    try:
-        yield _int4_gemv
-    finally:
-        _int4_gemv = previous
-
-
-_int4_gemm_max_tokens = 0
-
-
-def get_int4_gemm_max_tokens() -> int:
-    """Up to this many tokens (above the GEMV's range) ``TileInt4Linear`` runs the fused dequantize-GEMM
-    (``quant/kernels/small_gemm.py``); 0 (the default) never."""
-    return _int4_gemm_max_tokens
-
-
-def set_int4_gemm_max_tokens(tokens: int) -> None:
-    """Route up to ``tokens`` tokens to the fused dequantize-GEMM (0 switches it off)."""
-    global _int4_gemm_max_tokens
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise ValueError(f"int4 gemm max tokens must be an int >= 0 (0: off), got {tokens!r}")
-    _int4_gemm_max_tokens = tokens
+def set_int4_autotune(enabled: bool) -> None:
+    """Let tile-INT4 layers measure their kernels on first use (``True``, the default) or always take the default
+    route (``False``)."""
+    global _int4_autotune
+    if not isinstance(enabled, bool):
+        raise ValueError(f"int4 autotune must be True or False, got {enabled!r}")
+    _int4_autotune = enabled

@@ -45,6 +45,15 @@ def test_static_cache_decode_gives_the_tokens_of_greedy_generate(quantized):
     assert torch.equal(ids, expected)
 
 
+@pytest.mark.slow  # inductor compiles the step on CPU
+def test_a_compiled_step_gives_the_tokens_of_greedy_generate_on_a_quantized_model():
+    model = quantize_model(tiny_llama(initializer_range=0.2), (4, 8))
+    prompt = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
+    forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    ids, _ = int4_decode.static_greedy(model, prompt, new_tokens=8, forward=forward)
+    assert torch.equal(ids, _generate(model, prompt, 8))
+
+
 def test_static_cache_decode_rejects_a_batch_of_prompts():
     with pytest.raises(ValueError, match=r"batch 1, got a prompt of shape \(2, 5\)"):
         int4_decode.static_greedy(tiny_llama(), torch.zeros(2, 5, dtype=torch.long), new_tokens=3)

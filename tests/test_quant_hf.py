@@ -295,3 +295,20 @@ def test_checkpoint_whose_config_tile_disagrees_with_its_tensors_names_both_tile
     (edited / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"says tile=\(8, 8\).*'model.layers.0.self_attn.q_proj'.*is tile=\(4, 8\)"):
         AutoModelForCausalLM.from_pretrained(edited)
+
+
+@pytest.mark.slow  # inductor compiles the decode step on CPU
+def test_generate_with_a_static_cache_compiles_the_decode_step_and_gives_the_eager_tokens(q_dir):
+    from transformers import CompileConfig
+
+    model = AutoModelForCausalLM.from_pretrained(q_dir)
+    assert model.hf_quantizer.is_compileable
+    prompt = torch.tensor([[1, 5, 9, 2]])
+    kwargs = dict(max_new_tokens=6, do_sample=False, cache_implementation="static", pad_token_id=0)
+    eager = model.generate(prompt, disable_compile=True, **kwargs)
+    torch._dynamo.reset()
+    config = CompileConfig(fullgraph=True, mode="default", dynamic=False)
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    compiled = model.generate(prompt, compile_config=config, **kwargs)
+    assert torch.equal(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1

@@ -1,19 +1,24 @@
 """End-to-end batch-1 greedy decode of a Llama-2-7B-shaped model: bf16 vs tile-INT4 vs bitsandbytes NF4.
 
     PYTHONUNBUFFERED=1 python benchmarks/kernels/int4_decode.py [--layers 32] [--new-tokens 128] [--graph cuda]
+        [--compile] [--generate]
     python benchmarks/kernels/int4_decode.py --tiny            # CPU smoke test (a tiny Llama, no CUDA graphs)
 
 Random weights from a ``LlamaConfig`` (nothing is downloaded). The INT4 model is ``quantize_model`` of the same
 random model (tile 4x8, fp16 scales, fp32 zero points: the defaults). A merged QA-BLoRA model is exactly such a
-TileInt4 model (the merge only shifts the zero points), so its decode speed is this one's. ``int4_splitk`` is the same
-INT4 model with ``settings.set_int4_gemv_kernel("split_k")``. NF4 = bitsandbytes ``Linear4bit`` (blocksize 64, no
+TileInt4 model (the merge only shifts the zero points), so its decode speed is this one's. Its kernel routes for one
+token are measured first (``quant.kernels.route.tune_routes``). NF4 = bitsandbytes ``Linear4bit`` (blocksize 64, no
 double quantization, bf16 compute).
 
 Each model generates with a transformers ``StaticCache``: the prompt is one eager forward, then every one-token step
 runs the model forward at a fixed address (``--graph cuda``: captured once in a ``torch.cuda.CUDAGraph`` and replayed;
-``--graph none``: eager; a model whose capture fails is timed eager, with the error in its row). Tokens/s counts the
-decode steps only (prefill and capture excluded), median of ``--repeats`` runs after a warm-up run. Also printed: whether the graph run's tokens equal the eager static run's,
-and how many of the eager static loop's first 32 tokens agree with ``model.generate(do_sample=False)``'s.
+``--graph none``: eager; a model whose capture fails is timed eager, with the error in its row). ``--compile``: the
+step is ``torch.compile(fullgraph=True)``-d before it is captured (every model alike). Tokens/s counts the decode steps
+only (prefill and capture excluded), median of ``--repeats`` runs after a warm-up run. Also printed: whether the graph
+run's tokens equal the eager static run's, and how many of the eager static loop's first 32 tokens agree with
+``model.generate(do_sample=False)``'s. ``--generate`` also times what a user writes,
+``model.generate(ids, cache_implementation="static", max_new_tokens=N)`` (transformers compiles the decode step; new
+tokens per second of the whole call, prefill included, after one warm-up call).
 Writes ``int4_decode.json`` under ``$OUT`` when set; the table is printed last.
 """
 
@@ -32,7 +37,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from peft_balanced import quantize_model
-from peft_balanced.settings import int4_gemv_kernel
+from peft_balanced.quant.kernels.route import tune_routes
 
 LLAMA2_7B = dict(
     hidden_size=4096,
@@ -74,12 +79,18 @@ def weights_gib(model: torch.nn.Module) -> float:
 
 @torch.inference_mode()
 def static_greedy(
-    model: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int, graph: bool = False, warmup: int = 2
+    model: LlamaForCausalLM,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    graph: bool = False,
+    warmup: int = 2,
+    forward=None,
 ) -> tuple[torch.Tensor, float]:
     """Greedy decode of ``new_tokens`` tokens after ``prompt (1, P)`` with a ``StaticCache``.
 
     Returns ``(ids (1, P + new_tokens), seconds of the decode steps)``. With ``graph`` (CUDA), the one-token step is
     captured once in a CUDA graph (after ``warmup`` eager steps on a side stream) and replayed for every token.
+    ``forward`` (default ``model``) runs the one-token step (a compiled ``model.forward``, say).
     """
     if prompt.shape[0] != 1:
         raise ValueError(f"static_greedy decodes batch 1, got a prompt of shape {tuple(prompt.shape)}")
@@ -91,8 +102,10 @@ def static_greedy(
     token = out[0].view(1, 1).clone()  # the step's inputs live at fixed addresses (graph replay reads them)
     position = torch.full((1, 1), length, dtype=torch.long, device=device)
 
+    forward = forward or model
+
     def step() -> torch.Tensor:
-        return model(input_ids=token, cache=cache, position_ids=position, use_cache=True).logits[:, -1]
+        return forward(input_ids=token, cache=cache, position_ids=position, use_cache=True).logits[:, -1]
 
     def rewind() -> None:  # warm-up steps advanced the cache's write position: back to just after the prompt
         for layer in cache.layers:
@@ -146,16 +159,40 @@ def tokens_agreeing_with_generate(model: LlamaForCausalLM, prompt: torch.Tensor,
     return int(differs[0, 0]) if len(differs) else new_tokens
 
 
+@torch.inference_mode()
+def generate_tok_s(model: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    """New tokens per second of ``model.generate(cache_implementation="static")`` (prefill included), median of
+    ``repeats`` calls after a warm-up call (which compiles the decode step on a GPU)."""
+    kwargs = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        cache_implementation="static",
+        pad_token_id=0,
+    )
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    model.generate(prompt, **kwargs)
+    seconds = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        model.generate(prompt, **kwargs)
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return new_tokens / statistics.median(seconds)
+
+
 def make_variants(model: LlamaForCausalLM, names: list[str], device: str) -> dict:
     """``name -> (model, context)``; every quantized model is a copy of ``model`` (the same random weights)."""
-    variants, int4 = {}, None
+    variants = {}
     for name in names:
         if name == "bf16":
             variants[name] = (model, nullcontext)
-        elif name in ("int4", "int4_splitk"):
-            int4 = int4 or quantize_model(copy.deepcopy(model), (4, 8))
-            ctx = (lambda: int4_gemv_kernel("split_k")) if name == "int4_splitk" else nullcontext
-            variants[name] = (int4, ctx)
+        elif name == "int4":
+            int4 = quantize_model(copy.deepcopy(model), (4, 8))
+            if device == "cuda":
+                tune_routes(int4, tokens=(1,))
+            variants[name] = (int4, nullcontext)
         elif name == "nf4":
             from peft_balanced.demo.models import quantize_linear_nf4
 
@@ -163,7 +200,7 @@ def make_variants(model: LlamaForCausalLM, names: list[str], device: str) -> dic
             quantize_linear_nf4(nf4, compute_dtype=next(model.parameters()).dtype)
             variants[name] = (nf4.to(device), nullcontext)
         else:
-            raise ValueError(f"unknown variant {name!r}; valid: bf16, int4, int4_splitk, nf4")
+            raise ValueError(f"unknown variant {name!r}; valid: bf16, int4, nf4")
     return variants
 
 
@@ -175,7 +212,9 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--graph", choices=["cuda", "none"], default=None, help="default: cuda on a GPU")
-    parser.add_argument("--variants", default=None, help="comma list of bf16, int4, int4_splitk, nf4")
+    parser.add_argument("--variants", default=None, help="comma list of bf16, int4, nf4")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the one-token step (every model)")
+    parser.add_argument("--generate", action="store_true", help="also time model.generate with a static cache")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
@@ -186,7 +225,7 @@ def main() -> int:
     config = LlamaConfig(**(TINY if args.tiny else LLAMA2_7B))
     if args.layers is not None:
         config.num_hidden_layers = args.layers
-    names = (args.variants or ("bf16,int4,int4_splitk,nf4" if cuda else "bf16,int4,nf4")).split(",")
+    names = (args.variants or "bf16,int4,nf4").split(",")
     dtype = torch.bfloat16
     model = build_model(config, device, dtype)
     variants = make_variants(model, names, device)
@@ -194,20 +233,27 @@ def main() -> int:
     prompt = prompt.to(device)
     print(
         f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, layers "
-        f"{config.num_hidden_layers}, hidden {config.hidden_size}, graph {graph}",
+        f"{config.num_hidden_layers}, hidden {config.hidden_size}, graph {graph}, compile {args.compile}",
         flush=True,
     )
     rows = []
     for name, (variant, context) in variants.items():
         captured, error, check = graph, None, min(args.new_tokens, 32)
+        forward = torch.compile(variant.forward, fullgraph=True, dynamic=False) if args.compile else None
         with context():
             eager_ids, _ = static_greedy(variant, prompt, args.new_tokens)  # also compiles the kernels
+            start = time.perf_counter()
             try:
-                static_greedy(variant, prompt, args.new_tokens, graph=graph)  # warm-up
+                static_greedy(variant, prompt, args.new_tokens, graph=graph, forward=forward)  # warm-up
             except RuntimeError as exc:  # capture failed (a host sync or an allocation in the step): time eager
                 captured, error = False, f"{type(exc).__name__}: {str(exc)[:300]}"
                 print(f"{name}: CUDA graph capture failed, timing eager steps instead: {error}", flush=True)
-            runs = [static_greedy(variant, prompt, args.new_tokens, graph=captured) for _ in range(args.repeats)]
+            warm_s = time.perf_counter() - start
+            runs = [
+                static_greedy(variant, prompt, args.new_tokens, graph=captured, forward=forward)
+                for _ in range(args.repeats)
+            ]
+            generate = generate_tok_s(variant, prompt, args.new_tokens, args.repeats) if args.generate else None
         seconds = statistics.median(s for _, s in runs)
         row = {
             "model": name,
@@ -216,7 +262,9 @@ def main() -> int:
             "weights_gib": weights_gib(variant),
             "tok_s": (args.new_tokens - 1) / seconds,
             "ms_per_token": seconds * 1e3 / (args.new_tokens - 1),
+            "warm_up_s": warm_s,
             "graph_equals_eager": all(torch.equal(ids, eager_ids) for ids, _ in runs) if captured else None,
+            "generate_tok_s": generate,
             "generate_agreement": f"{tokens_agreeing_with_generate(variant, prompt, check)}/{check}",
         }
         rows.append(row)
@@ -224,19 +272,28 @@ def main() -> int:
     base = next((r["tok_s"] for r in rows if r["model"] == "bf16"), None)
     print(
         f"\nbatch-1 greedy decode, prompt {args.prompt}, {args.new_tokens} new tokens, static cache, "
-        f"{'CUDA graph' if graph else 'eager'}, median of {args.repeats}"
+        f"{'CUDA graph' if graph else 'eager'}{', compiled' if args.compile else ''}, median of {args.repeats}"
     )
-    print(f"{'model':<12} {'weights GiB':>11} {'step':>6} {'ms/token':>9} {'tok/s':>9} {'vs bf16':>8}")
+    gen_base = next((r["generate_tok_s"] for r in rows if r["model"] == "bf16"), None)
+    print(
+        f"{'model':<12} {'weights GiB':>11} {'step':>6} {'ms/token':>9} {'tok/s':>9} {'vs bf16':>8} "
+        f"{'generate tok/s':>15} {'vs bf16':>8}"
+    )
     for r in rows:
         r["speedup_vs_bf16"] = r["tok_s"] / base if base else None
         speedup = f"{r['speedup_vs_bf16']:.2f}x" if base else "-"
         step = "graph" if r["graph"] else "eager"
+        gen, gen_speedup = "-", "-"
+        if r["generate_tok_s"]:
+            gen = f"{r['generate_tok_s']:.1f}"
+            gen_speedup = f"{r['generate_tok_s'] / gen_base:.2f}x" if gen_base else "-"
         print(
             f"{r['model']:<12} {r['weights_gib']:>11.2f} {step:>6} {r['ms_per_token']:>9.2f} {r['tok_s']:>9.1f} "
-            f"{speedup:>8}"
+            f"{speedup:>8} {gen:>15} {gen_speedup:>8}"
         )
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "int4_decode.json"), "w") as handle:
+        tag = "compiled" if args.compile else "eager"
+        with open(os.path.join(os.environ["OUT"], f"int4_decode_{tag}.json"), "w") as handle:
             json.dump({"args": vars(args), "graph": graph, "rows": rows}, handle, indent=1)
     return 0
 

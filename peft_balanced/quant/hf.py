@@ -206,6 +206,12 @@ class TileInt4HfQuantizer(HfQuantizer):
     quantization_config: TileInt4Config
 
     @property
+    def is_compileable(self) -> bool:
+        """``generate(cache_implementation="static")`` may compile the decode step: the kernels are ``torch.library``
+        ops, so the quantized layers trace without graph breaks."""
+        return True
+
+    @property
     def quantized_element_size(self) -> float:
         return self.quantization_config.spec.bits_per_weight() / 8
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.gemv import fused_linear, use_gemv
-from .kernels.int4 import dequantize_tiles_on_device, dequantized_linear
-from .kernels.small_gemm import small_gemm_linear, use_small_gemm
+from .kernels.int4 import dequantize_tiles_on_device, dequantized_linear, linear_with_kernel
+from .kernels.route import choose_route, route_kernel
 from .kernels.support import triton_available
 from .spec import TileInt4Spec, resolve_spec
 from .tile_int4 import DEFAULT_ZERO_DTYPE, check_tile_shape, dequantize_tiles, dtype_name, quantize_tiles
@@ -158,11 +158,11 @@ class TileInt4Linear(nn.Module):
         bias = self.bias.to(dtype) if self.bias is not None else None
         tokens = x.numel() // self.in_features if self.in_features else 0
         param_grad = self.scale.requires_grad or self.zero.requires_grad or (bias is not None and bias.requires_grad)
-        triton_ok = x.is_cuda and triton_available()
-        if use_gemv(tokens, self.tile, dtype, x.device.type, triton_ok, param_grad):
-            return fused_linear(x.to(dtype), self.qweight, self.scale, self.zero, self.tile, bias)  # few tokens
-        if use_small_gemm(tokens, self.tile, dtype, self.in_features, x.device.type, triton_ok, param_grad):  # opt-in
-            return small_gemm_linear(x.to(dtype), self.qweight, self.scale, self.zero, self.tile, bias)
+        if tokens and x.is_cuda and not param_grad and triton_available():  # the kernel route.py picks per shape
+            route = choose_route(tokens, self.out_features, self.in_features, self.tile, dtype)
+            if route.kernel != "dequantize":
+                kernel = functools.partial(route_kernel, route)
+                return linear_with_kernel(kernel, x.to(dtype), self.qweight, self.scale, self.zero, self.tile, bias)
         if torch.is_grad_enabled() and x.requires_grad and x.dtype == dtype and not param_grad:
             return dequantized_linear(x, self.qweight, self.scale, self.zero, self.tile, bias)  # training
         weight = self.dequantize(dtype)

@@ -1,22 +1,16 @@
-"""Fused small-batch matmul ``y = x W~^T (+ b)`` straight from the packed 2-D-tile INT4 format (CUDA + Triton).
+"""Fused one-token matmul ``y = x W~^T (+ b)`` straight from the packed 2-D-tile INT4 format (CUDA + Triton).
 
-For a few tokens the matmul is bound by reading the weight, so reading 4-bit codes (plus alpha/beta) instead of a
-16-bit ``W~`` is the whole gain; the kernels never materialise ``W~``. Per tile ``t`` of ``l1`` inputs::
+For one token the matmul is bound by reading the weight, so reading 4-bit codes (plus alpha/beta) instead of a
+16-bit ``W~`` is the whole gain; the kernel never materialises ``W~``. Per tile ``t`` of ``l1`` inputs::
 
-    y[m, j] = sum_t alpha[j, t] * (sum_{i in t} x[m, i] q[j, i]) + beta[j, t] * S[m, t],   S[m, t] = sum_{i in t} x[m, i]
+    y[j] = sum_t alpha[j, t] * (sum_{i in t} x[i] q[j, i]) + beta[j, t] * S[t],   S[t] = sum_{i in t} x[i]
 
 so the zero point costs one multiply per tile (``S`` is pooled from ``x`` inside the kernel), not one per weight.
 Codes are read as words of ``C`` nibbles (``C`` in 8, 4, 2 divides ``l1``: int32 / int16 / uint8 views of
 ``qweight``), one alpha/beta per word. A nibble ``q`` becomes a float without int-to-float conversion by placing it
-in the mantissa of 1.0: at bits 19..22 it reads ``f = 1 + q / 16``, so ``sum x q = 16 (sum x f - sum x)``
-(``gemv1_kernel``, one token, also uses bits 15..18, ``1 + q / 256``, to decode two nibbles per shift).
-Accumulation is float32; the result is rounded once to the output dtype.
-
-* ``gemv1_kernel``: one token (decode).
-* ``gemv_kernel``: up to ``GEMV_MAX_TOKENS`` tokens; the products of every token stay in registers, so its cost
-  grows with the token count.
-
-Their timings against bf16 are in docs/benchmarks.md (tile-INT4 linear).
+in the mantissa of 1.0: at bits 19..22 it reads ``f = 1 + q / 16`` and at bits 15..18 ``1 + q / 256``, so one shift
+decodes two nibbles and ``sum x q = 16 (sum x f - sum x)``. Accumulation is float32; the result is rounded once to
+the output dtype. More tokens go to :mod:`.small_gemm` (tensor cores); :mod:`.route` chooses.
 
 :func:`gemv_reference` is the tile decomposition in torch (runs on CPU; used by the tests).
 """
@@ -27,26 +21,16 @@ import functools
 
 import torch
 
-from ...settings import Int4GemvKernel, get_int4_gemv_kernel
 from ..tile_int4 import unpack_int4
-from .int4 import linear_with_kernel
-from .splitk import SPLITK_MAX_TOKENS, splitk_supported, tile_int4_splitk_gemv
+from .support import TRITON_OPS, define_triton_op
 
-__all__ = [
-    "GEMV_MAX_TOKENS",
-    "fused_linear",
-    "gemv_reference",
-    "gemv_supported",
-    "small_batch_gemv",
-    "tile_int4_gemv",
-    "use_gemv",
-    "word_nibbles",
-]
+__all__ = ["GEMV_CONFIG", "gemv_reference", "gemv_supported", "tile_int4_gemv", "word_nibbles"]
 
-# forward() uses the fused kernel up to this many tokens (rows of x), dequantize + cuBLAS above: the crossover
-# measured in docs/benchmarks.md.
-GEMV_MAX_TOKENS = 8
 _WORD_DTYPES = {8: torch.int32, 4: torch.int16, 2: torch.uint8}
+
+# Output rows per program, code words per step, warps: the best of the int4 linear benchmark's sweep (4096 -> 11008,
+# 4x8 tiles; docs/benchmarks.md).
+GEMV_CONFIG = {"rows": 8, "block_w": 256, "num_warps": 4}
 
 
 def word_nibbles(l1: int) -> int:
@@ -55,31 +39,11 @@ def word_nibbles(l1: int) -> int:
 
 
 def gemv_supported(tile: tuple[int, int], dtype: torch.dtype) -> bool:
-    """Whether the fused kernel handles this tile and activation dtype: ``l1`` even, ``l2`` a power of two (at most
-    64), activations in fp16, bf16 or fp32."""
+    """Whether the kernel handles this tile and activation dtype: ``l1`` even, ``l2`` a power of two (at most 64),
+    activations in fp16, bf16 or fp32."""
     l1, l2 = tile
     pow2 = l2 & (l2 - 1) == 0 and l2 <= 64
     return word_nibbles(l1) > 0 and pow2 and dtype in (torch.float16, torch.bfloat16, torch.float32)
-
-
-def use_gemv(
-    tokens: int,
-    tile: tuple[int, int],
-    dtype: torch.dtype,
-    device_type: str,
-    triton_ok: bool,
-    needs_param_grad: bool = False,
-) -> bool:
-    """Routing rule of ``TileInt4Linear.forward``: the fused kernel for 1..``GEMV_MAX_TOKENS`` tokens on CUDA with
-    Triton usable (see ``kernels.support.triton_available``), a supported tile/dtype, and no gradient wanted for
-    scale/zero/bias; otherwise dequantize + ``F.linear``."""
-    return (
-        device_type == "cuda"
-        and triton_ok
-        and 0 < tokens <= GEMV_MAX_TOKENS
-        and gemv_supported(tile, dtype)
-        and not needs_param_grad
-    )
 
 
 def gemv_reference(
@@ -105,140 +69,10 @@ def gemv_reference(
     return y if bias is None else y + bias.float()
 
 
-# Block shape per token bucket (next power of two of M): output rows per program, code words per step, warps, and
-# whether the next step's codes are loaded before this step's arithmetic: the best of the int4 linear benchmark's
-# `--tune` search (4096 -> 11008, 4x8 tiles, fp16 alpha and beta, measured before fp32 beta became the default;
-# docs/benchmarks.md).
-_CONFIGS: dict[int, dict[str, int]] = {
-    1: {"rows": 8, "block_w": 256, "num_warps": 4},  # gemv1_kernel
-    2: {"rows": 8, "block_w": 128, "num_warps": 4, "prefetch": 1},
-    4: {"rows": 8, "block_w": 128, "num_warps": 4, "prefetch": 1},
-    8: {"rows": 8, "block_w": 64, "num_warps": 4, "prefetch": 1},
-    16: {"rows": 8, "block_w": 32, "num_warps": 4, "prefetch": 1},
-}
-
-
-def _bucket(m: int) -> int:
-    return min(1 << max(m - 1, 0).bit_length(), max(_CONFIGS))
-
-
 @functools.lru_cache(maxsize=1)
 def _build():  # pragma: no cover - needs CUDA
     import triton
     import triton.language as tl
-
-    @triton.jit
-    def load_chunk(
-        w_rows,
-        s_at,
-        z_at,
-        w0,
-        n_words,
-        row_ok,
-        g_ok,
-        C: tl.constexpr,
-        L1: tl.constexpr,
-        BLOCK_W: tl.constexpr,
-        EVEN: tl.constexpr,
-    ):
-        words = w0 + tl.arange(0, BLOCK_W)
-        if C == L1:
-            tiles = words  # keeps the compiler's contiguity (words * C // L1 would lose it)
-        else:
-            tiles = words // (L1 // C)
-        if EVEN:
-            packed = tl.load(w_rows + words[None, None, :])
-            alpha = tl.load(s_at + tiles[None, :])
-            beta = tl.load(z_at + tiles[None, :])
-        else:
-            w_ok = words < n_words
-            packed = tl.load(w_rows + words[None, None, :], mask=row_ok[:, :, None] & w_ok[None, None, :], other=0)
-            alpha = tl.load(s_at + tiles[None, :], mask=g_ok[:, None] & w_ok[None, :], other=0.0)
-            beta = tl.load(z_at + tiles[None, :], mask=g_ok[:, None] & w_ok[None, :], other=0.0)
-        return packed, alpha, beta
-
-    @triton.jit
-    def gemv_kernel(
-        x_ptr,
-        w_ptr,
-        s_ptr,
-        z_ptr,
-        b_ptr,
-        y_ptr,
-        M,
-        N,
-        n_words,
-        n_tiles_in,
-        stride_xm,
-        stride_ym,
-        L1: tl.constexpr,
-        L2: tl.constexpr,
-        C: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        ROWS: tl.constexpr,
-        BLOCK_W: tl.constexpr,
-        PREFETCH: tl.constexpr,
-        EVEN: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-    ):
-        # One program: ROWS output rows (ROWS // L2 tile rows) x all inputs, for BLOCK_M >= M tokens. Products are
-        # (BLOCK_M, ROWS // L2, L2, BLOCK_W) in float32; alpha/beta are (ROWS // L2, BLOCK_W): one value per word.
-        groups = tl.program_id(0) * (ROWS // L2) + tl.arange(0, ROWS // L2)
-        rows = groups[:, None] * L2 + tl.arange(0, L2)[None, :]
-        ms = tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        g_ok = groups < N // L2
-        m_ok = ms < M
-        w_rows = w_ptr + rows.to(tl.int64)[:, :, None] * n_words
-        s_rows = groups.to(tl.int64)[:, None] * n_tiles_in
-        x_rows = x_ptr + ms[:, None] * stride_xm
-        acc = tl.zeros((BLOCK_M, ROWS // L2, L2, BLOCK_W), dtype=tl.float32)
-        acc_zero = tl.zeros((BLOCK_M, ROWS // L2, BLOCK_W), dtype=tl.float32)
-        if PREFETCH:
-            packed, alpha, beta = load_chunk(
-                w_rows, s_ptr + s_rows, z_ptr + s_rows, 0, n_words, row_ok, g_ok, C, L1, BLOCK_W, EVEN
-            )
-        for w0 in range(0, n_words, BLOCK_W):
-            if PREFETCH:  # issue the next step's loads now; they land while this step computes
-                if EVEN:
-                    nxt = tl.minimum(w0 + BLOCK_W, n_words - BLOCK_W)  # last step re-reads itself: no masks
-                else:
-                    nxt = w0 + BLOCK_W
-                next_packed, next_alpha, next_beta = load_chunk(
-                    w_rows, s_ptr + s_rows, z_ptr + s_rows, nxt, n_words, row_ok, g_ok, C, L1, BLOCK_W, EVEN
-                )
-            else:
-                packed, alpha, beta = load_chunk(
-                    w_rows, s_ptr + s_rows, z_ptr + s_rows, w0, n_words, row_ok, g_ok, C, L1, BLOCK_W, EVEN
-                )
-            words = w0 + tl.arange(0, BLOCK_W)
-            if EVEN:
-                x_ok = m_ok[:, None]
-            else:
-                x_ok = m_ok[:, None] & (words < n_words)[None, :]
-            codes = packed.to(tl.int32)
-            dots = tl.zeros((BLOCK_M, ROWS // L2, L2, BLOCK_W), dtype=tl.float32)
-            pooled = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
-            for n in tl.static_range(C):
-                # nibble n (bits 4n..4n+3) -> mantissa bits 19..22 of 1.0f: f = 1 + q / 16 exactly, no int->float.
-                if 4 * n <= 19:
-                    bits = (codes << (19 - 4 * n)) & 0x00780000
-                else:
-                    bits = (codes >> (4 * n - 19)) & 0x00780000
-                f = (bits | 0x3F800000).to(tl.float32, bitcast=True)
-                xn = tl.load(x_rows + (words * C + n)[None, :], mask=x_ok, other=0.0).to(tl.float32)
-                dots += xn[:, None, None, :] * f[None, :, :, :]
-                pooled += xn
-            a16 = alpha.to(tl.float32) * 16.0
-            acc += dots * a16[None, :, None, :]
-            acc_zero += pooled[:, None, :] * (beta.to(tl.float32) - a16)[None, :, :]
-            if PREFETCH:
-                packed, alpha, beta = next_packed, next_alpha, next_beta
-        out = tl.sum(acc, axis=3) + tl.sum(acc_zero, axis=2)[:, :, None]
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :, :]
-        y = y_ptr + ms[:, None, None] * stride_ym + rows[None, :, :]
-        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None, None] & row_ok[None, :, :])
 
     @triton.jit
     def gemv1_kernel(
@@ -344,7 +178,57 @@ def _build():  # pragma: no cover - needs CUDA
             out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
 
-    return triton, gemv_kernel, gemv1_kernel
+    return triton, gemv1_kernel
+
+
+def _launch(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    tile: tuple[int, int],
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: dict[str, int],
+    traced: bool = False,
+) -> torch.Tensor:  # pragma: no cover - needs CUDA
+    l1, l2 = tile
+    c = word_nibbles(l1)
+    d_in = x.shape[1]
+    d_out = packed.shape[0]
+    words = packed.view(_WORD_DTYPES[c])  # (D_out, D_in / c): one word per c inputs, same bytes
+    n_words = d_in // c
+    rows = max(config["rows"], l2)
+    block_w = min(config["block_w"], 1 << max(n_words - 1, 0).bit_length())
+    y = torch.empty(1, d_out, dtype=out_dtype, device=x.device)
+    # 16-bit x read as int32 pairs when 4-byte aligned (torch's allocations are; a view may start mid-pair)
+    pairs = x.dtype in (torch.bfloat16, torch.float16) and x.storage_offset() % 2 == 0
+    triton, kernel = _build()
+    if traced:
+        kernel = torch.library.wrap_triton(kernel)
+    kernel[(triton.cdiv(d_out, rows),)](
+        x.view(torch.int32) if pairs else x,
+        words,
+        scale,
+        zero,
+        bias if bias is not None else y,
+        y,
+        d_out,
+        n_words,
+        d_in // l1,
+        0x3F800000,  # the bits of 1.0f, passed at run time (see the kernel)
+        L1=l1,
+        L2=l2,
+        C=c,
+        ROWS=rows,
+        BLOCK_W=block_w,
+        X_PAIRS=pairs,
+        X_BF16=x.dtype == torch.bfloat16,
+        EVEN=n_words % block_w == 0 and d_out % rows == 0,
+        HAS_BIAS=bias is not None,
+        num_warps=config["num_warps"],
+    )
+    return y
 
 
 def tile_int4_gemv(
@@ -357,99 +241,37 @@ def tile_int4_gemv(
     out_dtype: torch.dtype | None = None,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:  # pragma: no cover - needs CUDA
-    """``x (M, D_in) -> x W~^T + bias`` as ``(M, D_out)`` in ``out_dtype`` (default ``x.dtype``) with the fused kernel.
+    """``x (1, D_in) -> x W~^T + bias`` as ``(1, D_out)`` in ``out_dtype`` (default ``x.dtype``) with the fused kernel.
 
-    Needs CUDA tensors and ``gemv_supported(tile, x.dtype)``; meant for ``M <= 16`` (the kernel keeps ``M`` rows of
-    products in registers). ``config`` (``rows``, ``block_w``, ``num_warps``, ``prefetch``) overrides the block shape.
+    Needs CUDA tensors and ``gemv_supported(tile, x.dtype)``. ``config`` overrides keys of :data:`GEMV_CONFIG`.
+    Under ``torch.compile`` it is the op ``peft_balanced::tile_int4_gemv`` (inductor launches the kernel itself).
     """
-    l1, l2 = tile
-    c = word_nibbles(l1)
-    m, d_in = x.shape
-    d_out = packed.shape[0]
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    words = packed.contiguous().view(_WORD_DTYPES[c])  # (D_out, D_in / c): one word per c inputs, same bytes
-    n_words = d_in // c
-    cfg = {**_CONFIGS[_bucket(m)], **(config or {})}
-    rows = max(cfg["rows"], l2)
-    block_w = min(cfg["block_w"], 1 << max(n_words - 1, 0).bit_length())
-    y = torch.empty(m, d_out, dtype=out_dtype or x.dtype, device=x.device)
-    triton, kernel, kernel1 = _build()
-    if m == 1:
-        pairs = x.dtype in (torch.bfloat16, torch.float16) and x.data_ptr() % 4 == 0
-        kernel1[(triton.cdiv(d_out, rows),)](
-            x.view(torch.int32) if pairs else x,
-            words,
-            scale.contiguous(),
-            zero.contiguous(),
-            bias if bias is not None else y,
-            y,
-            d_out,
-            n_words,
-            d_in // l1,
-            0x3F800000,  # the bits of 1.0f, passed at run time (see the kernel)
-            L1=l1,
-            L2=l2,
-            C=c,
-            ROWS=rows,
-            BLOCK_W=block_w,
-            X_PAIRS=pairs,
-            X_BF16=x.dtype == torch.bfloat16,
-            EVEN=n_words % block_w == 0 and d_out % rows == 0,
-            HAS_BIAS=bias is not None,
-            num_warps=cfg["num_warps"],
-        )
-        return y
-    kernel[(triton.cdiv(d_out, rows),)](
-        x,
-        words,
-        scale.contiguous(),
-        zero.contiguous(),
-        bias if bias is not None else y,
-        y,
-        m,
-        d_out,
-        n_words,
-        d_in // l1,
-        x.stride(0),
-        y.stride(0),
-        L1=l1,
-        L2=l2,
-        C=c,
-        BLOCK_M=triton.next_power_of_2(m),
-        ROWS=rows,
-        BLOCK_W=block_w,
-        PREFETCH=bool(cfg.get("prefetch", 0)),
-        EVEN=n_words % block_w == 0 and d_out % rows == 0,
-        HAS_BIAS=bias is not None,
-        num_warps=cfg["num_warps"],
-    )
-    return y
+    if x.shape[0] != 1:
+        raise ValueError(f"tile_int4_gemv computes one token, got x of shape {tuple(x.shape)}")
+    cfg = {**GEMV_CONFIG, **(config or {})}
+    args = (x.contiguous(), packed.contiguous(), scale.contiguous(), zero.contiguous())
+    out = out_dtype or x.dtype
+    if TRITON_OPS and torch.compiler.is_compiling():
+        return torch.ops.peft_balanced.tile_int4_gemv(*args, *tile, bias, out, [cfg[k] for k in GEMV_CONFIG])
+    return _launch(*args, tile, bias, out, cfg)
 
 
-def small_batch_gemv(
+def _gemv_op(
     x: torch.Tensor,
     packed: torch.Tensor,
     scale: torch.Tensor,
     zero: torch.Tensor,
-    tile: tuple[int, int],
-    bias: torch.Tensor | None = None,
+    l1: int,
+    l2: int,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: list[int],
 ) -> torch.Tensor:  # pragma: no cover - needs CUDA
-    """``x (M, D_in) -> (M, D_out)`` with the kernel ``settings.get_int4_gemv_kernel()`` picks: the split-K kernel
-    (``splitk.py``) when chosen and it supports the layer, else :func:`tile_int4_gemv`."""
-    split = get_int4_gemv_kernel() is Int4GemvKernel.SPLIT_K
-    if split and x.shape[0] <= SPLITK_MAX_TOKENS and splitk_supported(tile, x.dtype, x.shape[1]):
-        return tile_int4_splitk_gemv(x, packed, scale, zero, tile, bias)
-    return tile_int4_gemv(x, packed, scale, zero, tile, bias)
+    """The op ``peft_balanced::tile_int4_gemv``: :func:`tile_int4_gemv` with the tile and the block shape as ints
+    (``config`` in the order of :data:`GEMV_CONFIG`'s keys)."""
+    cfg = dict(zip(GEMV_CONFIG, config, strict=True))
+    return _launch(x, packed, scale, zero, (l1, l2), bias, out_dtype, cfg, traced=True)
 
 
-def fused_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    tile: tuple[int, int],
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:  # pragma: no cover - needs CUDA
-    """``F.linear(x, W~, bias)`` for ``x (..., D_in)`` via the small-batch GEMV; differentiable w.r.t. ``x``."""
-    return linear_with_kernel(small_batch_gemv, x, packed, scale, zero, tile, bias)
+if TRITON_OPS:
+    define_triton_op("tile_int4_gemv", _gemv_op)

@@ -1,16 +1,26 @@
-"""Fused dequantize-GEMM for a few dozen tokens (``y = x W~^T (+ b)``, 9..64 rows of ``x``; CUDA + Triton; opt-in).
+"""Fused dequantize-GEMM for few tokens: ``y = x W~^T (+ b)`` from the packed 2-D-tile INT4 format (CUDA + Triton).
 
-Between the GEMV kernels (``gemv.py``, ``splitk.py``: products in registers, cost growing with the token count) and
-dequantize + cuBLAS (writes and re-reads a 16-bit ``W~``), this kernel decodes a ``(BLOCK_N, BLOCK_K)`` block of
-``W~`` in registers (``q * alpha + beta`` in float32, rounded to the activation dtype like ``dequantize_tiles``) and
-feeds it to ``tl.dot`` (tensor cores) against a ``(BLOCK_M, BLOCK_K)`` block of ``x``; float32 accumulation, one
-rounding at the end. The grid is ``(cdiv(D_out, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K)``; with ``SPLIT_K > 1`` the
-partial sums are atomically added into a zeroed float32 buffer and bias / rounding follow in torch.
+A program decodes a ``(BLOCK_N, BLOCK_K)`` block of ``W~`` in registers and feeds it to ``tl.dot`` (tensor cores)
+against a ``(BLOCK_M, BLOCK_K)`` block of ``x``; float32 accumulation, one rounding at the end. The weight is read
+once per ``BLOCK_M`` tokens as 4-bit codes, so up to a few dozen tokens the kernel is bound by reading the codes (plus
+alpha/beta), not by the product.
 
-Opt-in: ``peft_balanced.settings.set_int4_gemm_max_tokens(64)`` sends 9..64 tokens here (default 0: nothing does)
-until a GPU run shows it faster than dequantize + cuBLAS. It also runs under ``TRITON_INTERPRET=1`` on CPU tensors (there bf16 blocks are multiplied as float32: the interpreter's bf16
-``tl.dot`` gives garbage in triton 3.9; bf16 x bf16 products are exact in float32, so only the summation order
-differs from the GPU's tensor cores).
+Decoding keeps the conversion units idle: byte ``p`` holds the codes of inputs ``2j`` (low nibble) and ``2j + 1``
+(high nibble); a code ``q`` or-ed into the bits of ``2^23`` reads ``2^23 + q`` as a float, so ``q`` is one subtraction
+away (no int-to-float conversion). The even and odd inputs are two ``tl.dot`` calls (``x[:, 0::2] @ W~[:, 0::2]^T +
+x[:, 1::2] @ W~[:, 1::2]^T``), so the two nibbles of a byte are never interleaved in registers. Each weight is
+``q * alpha + beta`` in float32 without FMA contraction, rounded to the activation dtype: bit-identical to
+``dequantize_tiles`` (the same decoded weight the dequantize + cuBLAS path multiplies).
+
+The grid is ``(cdiv(D_out, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K)``. With ``SPLIT_K > 1`` every slice of ``D_in``
+stores its float32 partial sums in its own plane of a ``(SPLIT_K, M, D_out)`` buffer, and a second kernel adds the
+planes in a fixed order (then the bias, then one rounding): the result does not depend on scheduling, so a CUDA-graph
+replay and a compiled call equal the eager call bit for bit.
+
+The block shape per token count comes from :mod:`.tuning` (measured once per layer shape on the device, or a default).
+The kernel also runs under ``TRITON_INTERPRET=1`` on CPU tensors (there bf16 blocks are multiplied as float32: the
+interpreter's bf16 ``tl.dot`` is wrong in triton 3.x; bf16 x bf16 products are exact in float32, so only the
+summation order differs from the GPU's tensor cores).
 """
 
 from __future__ import annotations
@@ -19,50 +29,25 @@ import functools
 
 import torch
 
-from ...settings import get_int4_gemm_max_tokens
-from .int4 import linear_with_kernel
-from .support import triton_interpreting
+from .support import TRITON_OPS, define_triton_op, triton_interpreting
 
-__all__ = ["SMALL_GEMM_CONFIG", "small_gemm_linear", "small_gemm_supported", "tile_int4_small_gemm", "use_small_gemm"]
+__all__ = ["DEFAULT_CONFIG", "small_gemm_supported", "tile_int4_small_gemm"]
 
-# NOT measured (no GPU time in the session that wrote this): a starting point for `int4_linear.py --tune-gemm`.
-SMALL_GEMM_CONFIG = {"block_n": 64, "block_k": 128, "block_m": 64, "split_k": 1, "num_warps": 4, "num_stages": 3}
+# Keys of a block shape; the default suits few tokens on a large layer (tuning.py measures the best per shape).
+DEFAULT_CONFIG = {"block_n": 32, "block_k": 256, "block_m": 16, "split_k": 1, "num_warps": 4, "num_stages": 3}
 
 
 def small_gemm_supported(tile: tuple[int, int], dtype: torch.dtype, in_features: int) -> bool:
-    """``l1`` a power of two up to 64 (a code block reshapes to ``(tiles, l1)``), ``D_in`` even, fp16 / bf16
-    activations (``tl.dot`` operands)."""
+    """``l1`` an even power of two up to 64, ``D_in`` a multiple of 32 (one step reads at least 32 inputs), fp16 /
+    bf16 activations (``tl.dot`` operands)."""
     l1, l2 = tile
     return (
-        l1 & (l1 - 1) == 0
+        l1 >= 2
+        and l1 & (l1 - 1) == 0
         and l1 <= 64
         and l2 > 0
-        and in_features % 2 == 0
-        and dtype
-        in (
-            torch.float16,
-            torch.bfloat16,
-        )
-    )
-
-
-def use_small_gemm(
-    tokens: int,
-    tile: tuple[int, int],
-    dtype: torch.dtype,
-    in_features: int,
-    device_type: str,
-    triton_ok: bool,
-    needs_param_grad: bool = False,
-) -> bool:
-    """Routing rule of ``TileInt4Linear.forward`` after the GEMV's: CUDA with Triton usable, ``1 <= tokens <=
-    settings.get_int4_gemm_max_tokens()`` (0 by default: never), a supported layer, no gradient for scale/zero/bias."""
-    return (
-        device_type == "cuda"
-        and triton_ok
-        and 0 < tokens <= get_int4_gemm_max_tokens()
-        and small_gemm_supported(tile, dtype, in_features)
-        and not needs_param_grad
+        and in_features % 32 == 0
+        and dtype in (torch.float16, torch.bfloat16)
     )
 
 
@@ -70,6 +55,7 @@ def use_small_gemm(
 def _build():
     import triton
     import triton.language as tl
+    import triton.language.extra.libdevice  # noqa: F401  (tl.extra.libdevice)
 
     @triton.jit
     def small_gemm_kernel(
@@ -90,47 +76,144 @@ def _build():
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        ATOMIC: tl.constexpr,
+        PARTIAL: tl.constexpr,
         HAS_BIAS: tl.constexpr,
-        DOT_F32: tl.constexpr,
+        INTERPRETED: tl.constexpr,
     ):
+        HALF: tl.constexpr = BLOCK_K // 2  # bytes (pairs of inputs) per row and step
+        PER_TILE: tl.constexpr = L1 // 2  # bytes per tile along D_in
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
         ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # tokens
         row_ok = rows < N
         m_ok = ms < M
         q_rows = q_ptr + rows.to(tl.int64)[:, None] * (K // 2)
         t_rows = (rows // L2).to(tl.int64)[:, None] * n_tiles_in
+        x_rows = x_ptr + ms.to(tl.int64)[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         start = tl.program_id(2) * k_per_split
-        for k0 in range(start, start + k_per_split, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            xs = tl.load(
-                x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0
-            )
-            bytes_at = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(q_rows + bytes_at[None, :], mask=row_ok[:, None] & (bytes_at < K // 2)[None, :], other=0)
-            packed = packed.to(tl.int32)
-            codes = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K // L1, L1))  # low nibble first
+        for step in range(0, k_per_split // BLOCK_K):
+            k0 = start + step * BLOCK_K
+            j = k0 // 2 + tl.arange(0, HALF)  # byte columns
+            j_ok = j < K // 2
+            packed = tl.load(q_rows + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0).to(tl.int32)
             tiles = k0 // L1 + tl.arange(0, BLOCK_K // L1)
             t_ok = row_ok[:, None] & (tiles < n_tiles_in)[None, :]
             alpha = tl.load(s_ptr + t_rows + tiles[None, :], mask=t_ok, other=0.0).to(tl.float32)
             beta = tl.load(z_ptr + t_rows + tiles[None, :], mask=t_ok, other=0.0).to(tl.float32)
-            weight = codes.to(tl.float32) * alpha[:, :, None] + beta[:, :, None]
-            weight = tl.reshape(weight, (BLOCK_N, BLOCK_K)).to(xs.dtype)  # rounded like dequantize_tiles
-            if DOT_F32:  # the interpreter's bf16 tl.dot is wrong (triton 3.9); bf16 products are exact in fp32
-                acc += tl.dot(xs.to(tl.float32), tl.trans(weight.to(tl.float32)), input_precision="ieee")
+            alpha = tl.reshape(tl.broadcast_to(alpha[:, :, None], (BLOCK_N, BLOCK_K // L1, PER_TILE)), (BLOCK_N, HALF))
+            beta = tl.reshape(tl.broadcast_to(beta[:, :, None], (BLOCK_N, BLOCK_K // L1, PER_TILE)), (BLOCK_N, HALF))
+            x_ok = m_ok[:, None] & j_ok[None, :]
+            x_even = tl.load(x_rows + 2 * j[None, :], mask=x_ok, other=0.0)
+            x_odd = tl.load(x_rows + 2 * j[None, :] + 1, mask=x_ok, other=0.0)
+            # a code q or-ed into the bits of the float 2^23 reads 2^23 + q: no int -> float conversion
+            q_even = ((packed & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            q_odd = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            # q * alpha + beta without FMA contraction (mul_rn), rounded once: as dequantize_tiles
+            if INTERPRETED:  # numpy never contracts (and the interpreter has no libdevice)
+                w_even = (q_even * alpha + beta).to(x_even.dtype)
+                w_odd = (q_odd * alpha + beta).to(x_even.dtype)
             else:
-                acc += tl.dot(xs, tl.trans(weight))
+                w_even = (tl.extra.libdevice.mul_rn(q_even, alpha) + beta).to(x_even.dtype)
+                w_odd = (tl.extra.libdevice.mul_rn(q_odd, alpha) + beta).to(x_even.dtype)
+            if (
+                INTERPRETED and x_even.dtype == tl.bfloat16
+            ):  # the interpreter's bf16 tl.dot is wrong; bf16 products are exact in float32
+                acc += tl.dot(x_even.to(tl.float32), tl.trans(w_even.to(tl.float32)), input_precision="ieee")
+                acc += tl.dot(x_odd.to(tl.float32), tl.trans(w_odd.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(x_even, tl.trans(w_even))
+                acc += tl.dot(x_odd, tl.trans(w_odd))
         ok = m_ok[:, None] & row_ok[None, :]
-        y = y_ptr + ms[:, None] * N + rows[None, :]
-        if ATOMIC:
-            tl.atomic_add(y, acc, mask=ok)
+        if PARTIAL:  # this slice's plane of the (SPLIT_K, M, N) float32 buffer
+            y = y_ptr + tl.program_id(2).to(tl.int64) * M * N + ms[:, None] * N + rows[None, :]
+            tl.store(y, acc, mask=ok)
         else:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
+            tl.store(y_ptr + ms[:, None] * N + rows[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
 
-    return triton, small_gemm_kernel
+    @triton.jit
+    def sum_planes_kernel(
+        p_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        # y = sum of the SPLIT planes in order 0, 1, ... (+ bias), rounded once to y's dtype
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < MN
+        acc = tl.load(p_ptr + offs, mask=ok, other=0.0)
+        for plane in tl.static_range(1, SPLIT):
+            acc += tl.load(p_ptr + plane * MN + offs, mask=ok, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+    return triton, small_gemm_kernel, sum_planes_kernel
+
+
+def _launch(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    tile: tuple[int, int],
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: dict[str, int],
+    traced: bool = False,
+) -> torch.Tensor:
+    m, d_in = x.shape
+    d_out = packed.shape[0]
+    l1, l2 = tile
+    triton, kernel, sum_planes = _build()
+    if traced:
+        kernel, sum_planes = torch.library.wrap_triton(kernel), torch.library.wrap_triton(sum_planes)
+    block_k = max(config["block_k"], l1, 32)
+    block_m = max(16, min(config["block_m"], triton.next_power_of_2(m)))  # tl.dot needs 16 rows or more
+    steps = triton.cdiv(d_in, block_k)
+    per_split = triton.cdiv(steps, max(config["split_k"], 1)) * block_k
+    split_k = triton.cdiv(d_in, per_split)
+    partial = split_k > 1
+    shape = (split_k, m, d_out) if partial else (m, d_out)
+    y = torch.empty(shape, dtype=torch.float32 if partial else out_dtype, device=x.device)
+    grid = (triton.cdiv(d_out, config["block_n"]), triton.cdiv(m, block_m), split_k)
+    kernel[grid](
+        x,
+        packed,
+        scale,
+        zero,
+        bias if bias is not None else y,
+        y,
+        m,
+        d_out,
+        d_in,
+        d_in // l1,
+        per_split,
+        x.stride(0),
+        L1=l1,
+        L2=l2,
+        BLOCK_M=block_m,
+        BLOCK_N=config["block_n"],
+        BLOCK_K=block_k,
+        PARTIAL=partial,
+        HAS_BIAS=bias is not None,
+        INTERPRETED=triton_interpreting(),
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    if not partial:
+        return y
+    out = torch.empty(m, d_out, dtype=out_dtype, device=x.device)
+    block = 1024
+    sum_planes[(triton.cdiv(m * d_out, block),)](
+        y,
+        bias if bias is not None else out,
+        out,
+        m * d_out,
+        d_out,
+        SPLIT=split_k,
+        HAS_BIAS=bias is not None,
+        BLOCK=block,
+    )
+    return out
 
 
 def tile_int4_small_gemm(
@@ -146,73 +229,46 @@ def tile_int4_small_gemm(
     """``x (M, D_in) -> x W~^T + bias`` as ``(M, D_out)`` in ``out_dtype`` (default ``x.dtype``), any ``M >= 1``.
 
     Needs ``small_gemm_supported(tile, x.dtype, D_in)`` and CUDA tensors (or CPU tensors under
-    ``TRITON_INTERPRET=1``). ``config`` overrides keys of :data:`SMALL_GEMM_CONFIG`.
+    ``TRITON_INTERPRET=1``). ``config`` overrides keys of :data:`DEFAULT_CONFIG`.
     """
     m, d_in = x.shape
-    d_out = packed.shape[0]
     if not small_gemm_supported(tile, x.dtype, d_in):
         raise ValueError(
-            f"tile_int4_small_gemm: tile={tile}, dtype={x.dtype}, D_in={d_in} not supported (l1 a power of two up "
-            "to 64, D_in even, fp16 / bf16 activations)"
+            f"tile_int4_small_gemm: tile={tile}, dtype={x.dtype}, D_in={d_in} not supported (l1 an even power of two "
+            "up to 64, D_in a multiple of 32, fp16 / bf16 activations)"
         )
-    interpreting = triton_interpreting()
-    if not (x.is_cuda or interpreting):
+    if not (x.is_cuda or triton_interpreting()):
         raise RuntimeError("tile_int4_small_gemm needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
-    l1, l2 = tile
-    cfg = {**SMALL_GEMM_CONFIG, **(config or {})}
-    triton, kernel = _build()
-    block_k = max(cfg["block_k"], l1, 32)
-    block_m = max(16, min(cfg["block_m"], triton.next_power_of_2(m)))  # tl.dot needs 16 rows or more
-    steps = triton.cdiv(d_in, block_k)
-    per_split = triton.cdiv(steps, max(cfg["split_k"], 1)) * block_k
-    split_k = triton.cdiv(d_in, per_split)
-    x = x.contiguous()
-    out = out_dtype or x.dtype
-    atomic = split_k > 1
-    y = (
-        torch.zeros(m, d_out, dtype=torch.float32, device=x.device)
-        if atomic
-        else torch.empty(m, d_out, dtype=out, device=x.device)
-    )
-    grid = (triton.cdiv(d_out, cfg["block_n"]), triton.cdiv(m, block_m), split_k)
-    kernel[grid](
-        x,
-        packed.contiguous(),
-        scale.contiguous(),
-        zero.contiguous(),
-        bias if bias is not None else y,
-        y,
-        m,
-        d_out,
-        d_in,
-        d_in // l1,
-        per_split,
-        x.stride(0),
-        L1=l1,
-        L2=l2,
-        BLOCK_M=block_m,
-        BLOCK_N=cfg["block_n"],
-        BLOCK_K=block_k,
-        ATOMIC=atomic,
-        HAS_BIAS=bias is not None,
-        DOT_F32=interpreting and x.dtype == torch.bfloat16,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
-    if not atomic:
-        return y
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out)
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    args = (x.contiguous(), packed.contiguous(), scale.contiguous(), zero.contiguous(), tile, bias)
+    if TRITON_OPS and torch.compiler.is_compiling() and not triton_interpreting():
+        return torch.ops.peft_balanced.tile_int4_small_gemm(*args[:4], *tile, bias, out_dtype or x.dtype, _packed(cfg))
+    return _launch(*args, out_dtype or x.dtype, cfg)
 
 
-def small_gemm_linear(
+_CONFIG_KEYS = tuple(DEFAULT_CONFIG)
+
+
+def _packed(config: dict[str, int]) -> list[int]:
+    return [int(config[key]) for key in _CONFIG_KEYS]
+
+
+def _small_gemm_op(
     x: torch.Tensor,
     packed: torch.Tensor,
     scale: torch.Tensor,
     zero: torch.Tensor,
-    tile: tuple[int, int],
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:  # pragma: no cover - needs CUDA
-    """``F.linear(x, W~, bias)`` for ``x (..., D_in)`` via :func:`tile_int4_small_gemm`; differentiable w.r.t. ``x``."""
-    return linear_with_kernel(tile_int4_small_gemm, x, packed, scale, zero, tile, bias)
+    l1: int,
+    l2: int,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: list[int],
+) -> torch.Tensor:
+    """The op ``peft_balanced::tile_int4_small_gemm``: :func:`tile_int4_small_gemm` with the tile and the block shape
+    as ints (``config`` in the order of :data:`DEFAULT_CONFIG`'s keys)."""
+    cfg = dict(zip(_CONFIG_KEYS, config, strict=True))
+    return _launch(x, packed, scale, zero, (l1, l2), bias, out_dtype, cfg, traced=True)
+
+
+if TRITON_OPS:
+    define_triton_op("tile_int4_small_gemm", _small_gemm_op)
