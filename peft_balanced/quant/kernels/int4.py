@@ -4,8 +4,8 @@ The torch reference (``tile_int4.dequantize_tiles``) runs everywhere; on CUDA wi
 ``tl.interleave``) installed, dequantization runs as one fused kernel instead of unpack / multiply / add passes
 (``dequant_tiles_kernel`` when ``l1`` is an even power of two, ``dequant_kernel`` otherwise; timings in
 docs/benchmarks.md). Both compute ``q * alpha + beta`` in float32 without FMA contraction and round once to the output
-dtype, so they are bit-identical to the torch reference. The matmul itself stays ``F.linear`` (cuBLAS) here; for a
-few tokens ``TileInt4Linear`` uses the fused kernel of ``gemv.py`` instead.
+dtype, so they are bit-identical to the torch reference. The matmul itself stays ``F.linear`` (cuBLAS) here; for up
+to a few dozen tokens ``TileInt4Linear`` may run a fused kernel instead (``route.py`` chooses).
 ``peft_balanced.set_kernel_preference("torch")`` forces the torch path.
 """
 

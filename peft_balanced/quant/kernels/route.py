@@ -2,7 +2,7 @@
 
 Candidates (all Triton, all read the packed codes):
 
-* ``gemv`` (:mod:`.gemv`): one token, products in registers, no tensor cores.
+* ``gemv`` (:mod:`.gemv`) with a block shape: one token, products in registers, no tensor cores.
 * ``small_gemm`` (:mod:`.small_gemm`) with a block shape: up to ``SMALL_GEMM_MAX_TOKENS`` tokens, tensor cores.
 * ``dequantize`` (:mod:`.int4` + cuBLAS): the weight decoded to 16 bits, then ``F.linear``; any token count.
 
@@ -42,6 +42,8 @@ SMALL_GEMM_MAX_TOKENS = 64  # above: dequantize + cuBLAS (the weight's decoding 
 
 # (block_n, block_k, num_warps, num_stages) tried per bucket; split_k follows from the grid (see _split_for)
 _SMALL_GEMM_SHAPES = ((16, 256, 4, 4), (32, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3), (64, 128, 4, 4))
+# (rows, block_w, num_warps) of the one-token GEMV: block_w words of the code row per step
+_GEMV_SHAPES = ((8, 256, 4), (8, 128, 4), (16, 128, 4), (16, 256, 8), (8, 64, 4))
 
 
 class Route(NamedTuple):
@@ -103,7 +105,8 @@ def candidates(tokens: int, d_out: int, d_in: int, tile: tuple[int, int], dtype:
     """The routes measured for this layer and token count (``dequantize`` always among them)."""
     routes: list[Route] = []
     if tokens == 1 and gemv_supported(tile, dtype):
-        routes.append(Route("gemv"))
+        keys = ("rows", "block_w", "num_warps")
+        routes += [Route("gemv", tuple(zip(keys, shape, strict=True))) for shape in _GEMV_SHAPES]
     if tokens <= SMALL_GEMM_MAX_TOKENS and small_gemm_supported(tile, dtype, d_in):
         sms = _sms()
         routes += [_small_gemm_route(d_out, d_in, tokens, shape, sms) for shape in _SMALL_GEMM_SHAPES]
@@ -164,7 +167,7 @@ def route_kernel(
 ) -> torch.Tensor:
     """``x (M, D_in) -> (M, D_out)`` through ``route``'s kernel (not ``dequantize``: that is the caller's path)."""
     if route.kernel == "gemv":
-        return tile_int4_gemv(x, packed, scale, zero, tile, bias)
+        return tile_int4_gemv(x, packed, scale, zero, tile, bias, config=dict(route.config))
     return tile_int4_small_gemm(x, packed, scale, zero, tile, bias, config=dict(route.config))
 
 
