@@ -245,9 +245,9 @@ def main() -> int:
             start = time.perf_counter()
             try:
                 static_greedy(variant, prompt, args.new_tokens, graph=graph, forward=forward)  # warm-up
-            except RuntimeError as exc:  # capture failed (a host sync or an allocation in the step): time eager
-                captured, error = False, f"{type(exc).__name__}: {str(exc)[:300]}"
-                print(f"{name}: CUDA graph capture failed, timing eager steps instead: {error}", flush=True)
+            except RuntimeError as exc:  # capture or compile failed (a host sync, a graph break): time eager steps
+                captured, forward, error = False, None, f"{type(exc).__name__}: {str(exc)[:300]}"
+                print(f"{name}: CUDA graph capture or compile failed, timing eager steps instead: {error}", flush=True)
             warm_s = time.perf_counter() - start
             runs = [
                 static_greedy(variant, prompt, args.new_tokens, graph=captured, forward=forward)
@@ -258,6 +258,7 @@ def main() -> int:
         row = {
             "model": name,
             "graph": captured,
+            "compiled": forward is not None,
             "graph_error": error,
             "weights_gib": weights_gib(variant),
             "tok_s": (args.new_tokens - 1) / seconds,
@@ -276,19 +277,19 @@ def main() -> int:
     )
     gen_base = next((r["generate_tok_s"] for r in rows if r["model"] == "bf16"), None)
     print(
-        f"{'model':<12} {'weights GiB':>11} {'step':>6} {'ms/token':>9} {'tok/s':>9} {'vs bf16':>8} "
+        f"{'model':<12} {'weights GiB':>11} {'step':>10} {'ms/token':>9} {'tok/s':>9} {'vs bf16':>8} "
         f"{'generate tok/s':>15} {'vs bf16':>8}"
     )
     for r in rows:
         r["speedup_vs_bf16"] = r["tok_s"] / base if base else None
         speedup = f"{r['speedup_vs_bf16']:.2f}x" if base else "-"
-        step = "graph" if r["graph"] else "eager"
+        step = ("graph" if r["graph"] else "eager") + ("+comp" if r["compiled"] else "")
         gen, gen_speedup = "-", "-"
         if r["generate_tok_s"]:
             gen = f"{r['generate_tok_s']:.1f}"
             gen_speedup = f"{r['generate_tok_s'] / gen_base:.2f}x" if gen_base else "-"
         print(
-            f"{r['model']:<12} {r['weights_gib']:>11.2f} {step:>6} {r['ms_per_token']:>9.2f} {r['tok_s']:>9.1f} "
+            f"{r['model']:<12} {r['weights_gib']:>11.2f} {step:>10} {r['ms_per_token']:>9.2f} {r['tok_s']:>9.1f} "
             f"{speedup:>8} {gen:>15} {gen_speedup:>8}"
         )
     if os.environ.get("OUT"):
