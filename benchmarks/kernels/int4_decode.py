@@ -241,13 +241,14 @@ def main() -> int:
         captured, error, check = graph, None, min(args.new_tokens, 32)
         forward = torch.compile(variant.forward, fullgraph=True, dynamic=False) if args.compile else None
         with context():
-            eager_ids, _ = static_greedy(variant, prompt, args.new_tokens)  # also compiles the kernels
             start = time.perf_counter()
-            try:
+            try:  # the same step without a graph: what a replay must equal (compiles the step and the kernels)
+                eager_ids, _ = static_greedy(variant, prompt, args.new_tokens, forward=forward)
                 static_greedy(variant, prompt, args.new_tokens, graph=graph, forward=forward)  # warm-up
             except RuntimeError as exc:  # capture or compile failed (a host sync, a graph break): time eager steps
                 captured, forward, error = False, None, f"{type(exc).__name__}: {str(exc)[:300]}"
                 print(f"{name}: CUDA graph capture or compile failed, timing eager steps instead: {error}", flush=True)
+                eager_ids, _ = static_greedy(variant, prompt, args.new_tokens)
             warm_s = time.perf_counter() - start
             runs = [
                 static_greedy(variant, prompt, args.new_tokens, graph=captured, forward=forward)
