@@ -15,11 +15,11 @@ runs the model forward at a fixed address (``--graph cuda``: captured once in a 
 ``--graph none``: eager; a model whose capture fails is timed eager, with the error in its row). ``--compile``: the
 step is ``torch.compile(fullgraph=True)``-d before it is captured (every model alike). Tokens/s counts the decode steps
 only (prefill and capture excluded), median of ``--repeats`` runs after a warm-up run. Also printed: whether the graph
-run's tokens equal those of the same (compiled or eager) step run without a graph, and how many of the eager static loop's first 32 tokens agree with
-``model.generate(do_sample=False)``'s. ``--generate`` also times what a user writes,
+run's tokens equal those of the same (compiled or eager) step run without a graph, and how many of the eager static
+loop's first 32 tokens agree with ``model.generate(do_sample=False)``'s. ``--generate`` also times what a user writes,
 ``model.generate(ids, cache_implementation="static", max_new_tokens=N)`` (transformers compiles the decode step; new
 tokens per second of the whole call, prefill included, after one warm-up call).
-Writes ``int4_decode.json`` under ``$OUT`` when set; the table is printed last.
+Writes ``int4_decode_{eager,compiled}.json`` under ``$OUT`` when set; the table is printed last.
 """
 
 from __future__ import annotations
