@@ -8,7 +8,7 @@ import torch
 
 import peft_balanced.quant.kernels.gemv as gemv
 import peft_balanced.quant.kernels.support as kernels
-from peft_balanced.quant import dequantize_tiles, quantize_tiles
+from peft_balanced.quant import TileInt4Weight, dequantize_tiles, quantize_tiles
 from peft_balanced.quant.kernels.int4 import triton_dequantize_tiles
 
 TILES = [(4, 8), (8, 8), (2, 2), (16, 1), (8, 4)]
@@ -35,7 +35,7 @@ def test_reference_decomposition_equals_the_dequantized_matmul(tile, tokens):
     x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(1))
     bias = torch.randn(64)
     expected = x.double() @ dequantize_tiles(packed, scale, zero, tile, torch.float64).T + bias.double()
-    assert _rel(gemv.gemv_reference(x, packed, scale, zero, tile, bias), expected) < 1e-5
+    assert _rel(gemv.gemv_reference(x, TileInt4Weight(packed, scale, zero, tile), bias), expected) < 1e-5
 
 
 @pytest.mark.parametrize(("l1", "nibbles"), [(1, 0), (2, 2), (3, 0), (4, 4), (6, 2), (8, 8), (16, 8), (24, 8)])
@@ -85,7 +85,7 @@ def test_interpreted_gemv_matches_the_dequantized_matmul(d_out, d_in, tile, dtyp
     gen = torch.Generator().manual_seed(1)
     x, bias = torch.randn(1, d_in, generator=gen).to(dtype), torch.randn(d_out, generator=gen).to(dtype)
     ref = x.double() @ dequantize_tiles(packed, scale, zero, tile, torch.float64).T + bias.double()
-    y = gemv.tile_int4_gemv(x, packed, scale, zero, tile, bias, torch.float32)
+    y = gemv.tile_int4_gemv(x, TileInt4Weight(packed, scale, zero, tile), bias, torch.float32)
     assert _rel(y, ref) < 5e-5  # float32 sums; 1 + q / 16 costs 4 bits of the mantissa
 
 
@@ -107,7 +107,7 @@ def test_cuda_gemv_matches_the_dequantized_matmul(d_out, d_in, tile, dtype):
     x = torch.randn(1, d_in, device="cuda").to(dtype)
     bias = torch.randn(d_out, device="cuda").to(dtype)
     ref = x.double() @ dequantize_tiles(packed, scale, zero, tile, torch.float64).T + bias.double()
-    y = gemv.tile_int4_gemv(x, packed, scale, zero, tile, bias)
+    y = gemv.tile_int4_gemv(x, TileInt4Weight(packed, scale, zero, tile), bias)
     assert y.dtype == dtype and bool(torch.isfinite(y).all())
     assert _rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
@@ -117,7 +117,7 @@ def test_cuda_gemv_reads_a_bf16_input_that_starts_mid_pair():
     packed, scale, zero = (t.cuda() for t in _quantized(256, 512, (4, 8)))
     x = torch.randn(513, device="cuda").to(torch.bfloat16)[1:].view(1, 512)
     ref = x.double() @ dequantize_tiles(packed, scale, zero, (4, 8), torch.float64).T
-    assert _rel(gemv.tile_int4_gemv(x, packed, scale, zero, (4, 8)), ref) < 1e-2
+    assert _rel(gemv.tile_int4_gemv(x, TileInt4Weight(packed, scale, zero, (4, 8))), ref) < 1e-2
 
 
 def test_cuda_gemv_and_dequantize_handle_fp32_zero_points_with_fp16_scales():
@@ -126,7 +126,8 @@ def test_cuda_gemv_and_dequantize_handle_fp32_zero_points_with_fp16_scales():
     packed, scale, zero = (t.cuda() for t in quantize_tiles(weight, (4, 8), torch.float16, zero_dtype=torch.float32))
     assert zero.dtype == torch.float32
     reference = dequantize_tiles(packed, scale, zero, (4, 8), torch.float64)
-    assert torch.equal(triton_dequantize_tiles(packed, scale, zero, (4, 8), torch.float32), reference.float())
+    weight = TileInt4Weight(packed, scale, zero, (4, 8))
+    assert torch.equal(triton_dequantize_tiles(weight, torch.float32), reference.float())
     x = torch.randn(1, 512, device="cuda").to(torch.bfloat16)
-    y = gemv.tile_int4_gemv(x, packed, scale, zero, (4, 8), None)
+    y = gemv.tile_int4_gemv(x, weight, None)
     assert _rel(y, x.double() @ reference.T) < 1e-2

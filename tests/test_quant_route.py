@@ -7,7 +7,6 @@ from torch import nn
 
 import peft_balanced.quant.kernels.route as route
 import peft_balanced.quant.kernels.support as support
-import peft_balanced.quant.linear as linear_mod
 from peft_balanced import settings
 from peft_balanced.quant import TileInt4Linear
 
@@ -83,7 +82,7 @@ def test_cpu_forward_never_asks_for_a_kernel(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a Triton route asked for on CPU")
 
-    monkeypatch.setattr(linear_mod, "choose_route", fail)
+    monkeypatch.setattr(route, "choose_route", fail)
     layer = TileInt4Linear.from_linear(nn.Linear(128, 64), (4, 8))
     x = torch.randn(1, 128)
     assert torch.equal(layer(x), F.linear(x, layer.dequantize(), layer.bias))

@@ -13,7 +13,7 @@ import torch
 
 import peft_balanced.quant.kernels.small_gemm as small_gemm
 import peft_balanced.quant.kernels.support as support
-from peft_balanced.quant import dequantize_tiles, quantize_tiles
+from peft_balanced.quant import TileInt4Weight, dequantize_tiles, quantize_tiles
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # one unit in the last place, relative
@@ -46,8 +46,9 @@ def _check(d_out, d_in, tile, tokens, dtype, device, seed, config=None):
     weight32 = dequantize_tiles(packed, scale, zero, tile, torch.float32)
     ref_rounded = x.double() @ _rounded(weight32, dtype).double().T + bias.double()
     ref = x.double() @ dequantize_tiles(packed, scale, zero, tile, torch.float64).T + bias.double()
-    y32 = small_gemm.tile_int4_small_gemm(x, packed, scale, zero, tile, bias, torch.float32, config)
-    y = small_gemm.tile_int4_small_gemm(x, packed, scale, zero, tile, bias, config=config)
+    weight = TileInt4Weight(packed, scale, zero, tile)
+    y32 = small_gemm.tile_int4_small_gemm(x, weight, bias, torch.float32, config)
+    y = small_gemm.tile_int4_small_gemm(x, weight, bias, config=config)
     assert y.dtype == dtype and y.shape == (tokens, d_out) and bool(torch.isfinite(y).all())
     one_rounding = ((y.float() - y32).abs() <= ULP[dtype] * y32.abs() + 1e-6).all()
     return _rel(y32, ref_rounded), bool(one_rounding), _rel(y, ref)
@@ -75,7 +76,7 @@ def test_small_gemm_supported(tile, dtype, d_in, supported):
 def test_small_gemm_rejects_unsupported_layers_with_the_rule():
     packed, scale, zero = _quantized(64, 256, (4, 8))
     with pytest.raises(ValueError, match=r"dtype=torch.float32.*fp16 / bf16 activations"):
-        small_gemm.tile_int4_small_gemm(torch.randn(16, 256), packed, scale, zero, (4, 8))
+        small_gemm.tile_int4_small_gemm(torch.randn(16, 256), TileInt4Weight(packed, scale, zero, (4, 8)))
 
 
 # ---------------------------------------------------------------- the Triton interpreter on CPU
@@ -132,7 +133,8 @@ def test_cuda_small_gemm_gives_the_same_bits_on_every_call(split_k):
     _needs_cuda()  # no atomics: the slices' partial sums are added in a fixed order
     packed, scale, zero = _quantized(4096, 11008, (4, 8), "cuda")
     x = torch.randn(4, 11008, device="cuda").to(torch.bfloat16)
-    first = small_gemm.tile_int4_small_gemm(x, packed, scale, zero, (4, 8), config={"split_k": split_k})
+    weight = TileInt4Weight(packed, scale, zero, (4, 8))
+    first = small_gemm.tile_int4_small_gemm(x, weight, config={"split_k": split_k})
     for _ in range(5):
-        again = small_gemm.tile_int4_small_gemm(x, packed, scale, zero, (4, 8), config={"split_k": split_k})
+        again = small_gemm.tile_int4_small_gemm(x, weight, config={"split_k": split_k})
         assert torch.equal(again, first)

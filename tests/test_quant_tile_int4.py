@@ -9,6 +9,7 @@ from peft_balanced.quant import (
     TileInt4Config,
     TileInt4Linear,
     TileInt4Spec,
+    TileInt4Weight,
     dequantize_tiles,
     pack_int4,
     quantize_model,
@@ -357,4 +358,5 @@ def test_cuda_triton_dequantize_is_bit_identical_to_torch_reference(shape, tile,
         pytest.skip("needs Triton")
     packed, scale, zero = quantize_tiles(_weight(*shape).cuda(), tile, torch.float16)
     expected = dequantize_tiles(packed, scale, zero, tile, out_dtype)
-    assert torch.equal(triton_dequantize_tiles(packed, scale, zero, tile, out_dtype), expected)
+    weight = TileInt4Weight(packed, scale, zero, tile)
+    assert torch.equal(triton_dequantize_tiles(weight, out_dtype), expected)

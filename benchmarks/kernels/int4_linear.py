@@ -21,11 +21,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from peft_balanced.quant import TileInt4Linear, dequantize_tiles, quantize_tiles
+from peft_balanced.quant import TileInt4Linear, TileInt4Weight, dequantize_tiles, quantize_tiles
 from peft_balanced.quant.kernels import route, triton_available
-from peft_balanced.quant.kernels.int4 import dequantize_tiles_on_device
 
 LINES: list[str] = []
 
@@ -39,12 +37,6 @@ def rel_max_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def run_route(chosen: route.Route, x, packed, scale, zero, tile, bias=None) -> torch.Tensor:
-    if chosen.kernel == "dequantize":
-        return F.linear(x, dequantize_tiles_on_device(packed, scale, zero, tile, x.dtype), bias)
-    return route.route_kernel(chosen, x, packed, scale, zero, tile, bias)
-
-
 def check_routes(d_in: int, d_out: int, tol: float = 1e-2) -> bool:
     """Every candidate route on the timed shape and on ragged ones vs float64; graph replay vs eager."""
     ok = True
@@ -55,16 +47,17 @@ def check_routes(d_in: int, d_out: int, tol: float = 1e-2) -> bool:
         weight = torch.randn(n, k, device="cuda", generator=gen) * 0.02
         weight[3] += 1.0  # tiles far from zero: the zero-point term matters
         packed, scale, zero = quantize_tiles(weight, tile, torch.float16, zero_dtype=torch.float32)
+        qweight = TileInt4Weight(packed, scale, zero, tile)
         x = torch.randn(m, k, device="cuda", generator=gen).to(dtype)
         bias = (torch.randn(n, device="cuda", generator=gen) * 0.1).to(dtype) if has_bias else None
         ref = x.double() @ dequantize_tiles(packed, scale, zero, tile, torch.float64).T
         ref = ref + (bias.double() if has_bias else 0)
         for chosen in route.candidates(m, n, k, tile, dtype):
             try:
-                y = run_route(chosen, x, packed, scale, zero, tile, bias)
+                y = route.route_kernel(chosen, x, qweight, bias)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    replayed = run_route(chosen, x, packed, scale, zero, tile, bias)
+                    replayed = route.route_kernel(chosen, x, qweight, bias)
                 graph.replay()
                 same = torch.equal(replayed, y)
             except Exception as exc:  # report a kernel that does not build on this device, and go on
@@ -105,7 +98,6 @@ def main() -> int:
     lin = torch.nn.Linear(args.d_in, args.d_out, bias=False, device="cuda", dtype=torch.bfloat16)
     torch.nn.init.normal_(lin.weight, std=0.02)
     layer = TileInt4Linear.from_linear(lin, (4, 8))
-    qargs = (layer.qweight, layer.scale, layer.zero, layer.tile)
     rows = []
     with torch.inference_mode():
         for m in args.tokens:
@@ -124,7 +116,7 @@ def main() -> int:
                 "candidates": {},
             }
             for candidate in route.candidates(m, args.d_out, args.d_in, layer.tile, x.dtype):
-                fn = lambda x=x, c=candidate: run_route(c, x, *qargs)  # noqa: E731
+                fn = lambda x=x, c=candidate: route.route_kernel(c, x, layer.packed_weight)  # noqa: E731
                 row["candidates"][candidate.describe()] = route.time_on_device(fn, iters=50)
             row["default_ms"] = row["candidates"][default.describe()]
             row["default_route"] = default.describe()

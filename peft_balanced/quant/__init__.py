@@ -5,7 +5,8 @@
 * :mod:`.linear`: :class:`TileInt4Linear`, the frozen module.
 * :mod:`.select` and :mod:`.quantize`: which linears of a model are quantized, and :func:`quantize_model`.
 * :mod:`.hf`: the transformers adapter (``TileInt4Config``, the ``"tile_int4"`` quantizer).
-* :mod:`.kernels`: Triton kernels (tile-INT4 dequantize and GEMV, NF4 dequantize).
+* :mod:`.kernels`: Triton kernels (tile-INT4 dequantize, GEMV and small GEMM, and the route between them; NF4
+  dequantize). Every tile-INT4 kernel reads one :class:`TileInt4Weight` (codes, scale, zero, tile).
 
 Imports only go down that list (``hf`` -> ``linear`` -> ``tile_int4``; ``quantize`` -> ``hf``), never back. ``import
 peft_balanced`` registers the ``"tile_int4"`` quantization method with transformers (:mod:`peft_balanced.integration`), so
@@ -18,13 +19,14 @@ from .linear import TileInt4Linear
 from .quantize import quantize_model
 from .select import iter_quantizable_linears
 from .spec import TileInt4Spec
-from .tile_int4 import dequantize_tiles, pack_int4, quantize_tiles, unpack_int4
+from .tile_int4 import TileInt4Weight, dequantize_tiles, pack_int4, quantize_tiles, unpack_int4
 
 __all__ = [
     "TileInt4Config",
     "TileInt4HfQuantizer",
     "TileInt4Linear",
     "TileInt4Spec",
+    "TileInt4Weight",
     "dequantize_tiles",
     "iter_quantizable_linears",
     "pack_int4",

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .kernels.int4 import dequantize_tiles_on_device, dequantized_linear, linear_with_kernel
-from .kernels.route import choose_route, route_kernel
-from .kernels.support import triton_available
+from .kernels import route
 from .spec import TileInt4Spec, resolve_spec
-from .tile_int4 import DEFAULT_ZERO_DTYPE, check_tile_shape, dequantize_tiles, dtype_name, quantize_tiles
+from .tile_int4 import DEFAULT_ZERO_DTYPE, TileInt4Weight, check_tile_shape, dtype_name, quantize_tiles
 
 __all__ = ["TileInt4Linear"]
 
@@ -125,6 +121,11 @@ class TileInt4Linear(nn.Module):
         return TileInt4Spec(self.tile, self.scale.dtype, self.zero.dtype, skip_modules=())
 
     @property
+    def packed_weight(self) -> TileInt4Weight:
+        """The weight as the kernels read it (the buffers themselves, not copies)."""
+        return TileInt4Weight(self.qweight, self.scale, self.zero, self.tile)
+
+    @property
     def scale_dtype(self) -> torch.dtype:
         return self.scale.dtype
 
@@ -148,25 +149,13 @@ class TileInt4Linear(nn.Module):
     # ------------------------------------------------------------------ math
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Full weight ``W~`` of shape ``(out_features, in_features)`` in ``dtype`` (default ``compute_dtype``)."""
-        dtype = dtype or self.compute_dtype
-        if self.qweight.is_cuda and triton_available():
-            return dequantize_tiles_on_device(self.qweight, self.scale, self.zero, self.tile, dtype)
-        return dequantize_tiles(self.qweight, self.scale, self.zero, self.tile, dtype)
+        return route.dequantize(self.packed_weight, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _autocast_dtype(x.device.type) or (x.dtype if x.is_floating_point() else self.compute_dtype)
         bias = self.bias.to(dtype) if self.bias is not None else None
-        tokens = x.numel() // self.in_features if self.in_features else 0
         param_grad = self.scale.requires_grad or self.zero.requires_grad or (bias is not None and bias.requires_grad)
-        if tokens and x.is_cuda and not param_grad and triton_available():  # the kernel route.py picks per shape
-            route = choose_route(tokens, self.out_features, self.in_features, self.tile, dtype)
-            if route.kernel != "dequantize":
-                kernel = functools.partial(route_kernel, route)
-                return linear_with_kernel(kernel, x.to(dtype), self.qweight, self.scale, self.zero, self.tile, bias)
-        if torch.is_grad_enabled() and x.requires_grad and x.dtype == dtype and not param_grad:
-            return dequantized_linear(x, self.qweight, self.scale, self.zero, self.tile, bias)  # training
-        weight = self.dequantize(dtype)
-        return F.linear(x, weight, bias)
+        return route.tile_int4_linear(x, self.packed_weight, bias, dtype, param_grad)
 
     @torch.no_grad()
     def add_to_zero(self, delta: torch.Tensor) -> None:

@@ -19,6 +19,8 @@ and a constant tile whose value is representable in the storage dtype is reconst
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..validation import check_tile
@@ -26,6 +28,7 @@ from ..validation import check_tile
 __all__ = [
     "DEFAULT_ZERO_DTYPE",
     "QMAX",
+    "TileInt4Weight",
     "check_tile_shape",
     "dequantize_tiles",
     "pack_int4",
@@ -54,6 +57,28 @@ _SCALE_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "float": torch.float32,
 }
+
+
+class TileInt4Weight(NamedTuple):
+    """One weight in the format: what every tile-INT4 kernel reads (``TileInt4Linear.packed_weight`` builds it).
+
+    ``packed``: ``uint8 (D_out, D_in // 2)``; ``scale`` (alpha) and ``zero`` (beta): ``(D_out // l2, D_in // l1)``;
+    ``tile``: ``(l1, l2)``.
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    tile: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(D_out, D_in)`` of the weight."""
+        return self.packed.shape[0], 2 * self.packed.shape[1]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``W~`` as ``(D_out, D_in)`` in ``dtype`` (the torch reference, :func:`dequantize_tiles`)."""
+        return dequantize_tiles(self.packed, self.scale, self.zero, self.tile, dtype)
 
 
 def resolve_scale_dtype(scale_dtype: torch.dtype | str) -> torch.dtype:

@@ -11,7 +11,7 @@
 from .gemv import gemv_reference, tile_int4_gemv
 from .int4 import triton_dequantize_tiles
 from .nf4 import nf4_dequantize, nf4_dequantize_reference, nf4_linear, uses_fast_nf4
-from .route import Route, choose_route, tune_routes, tuned_routes
+from .route import Route, choose_route, tile_int4_linear, tune_routes, tuned_routes
 from .small_gemm import tile_int4_small_gemm
 from .support import triton_available
 
@@ -22,6 +22,7 @@ __all__ = [
     "nf4_dequantize",
     "nf4_dequantize_reference",
     "nf4_linear",
+    "tile_int4_linear",
     "tile_int4_gemv",
     "tile_int4_small_gemm",
     "triton_available",

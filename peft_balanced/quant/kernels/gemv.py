@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from ..tile_int4 import unpack_int4
+from ..tile_int4 import TileInt4Weight, unpack_int4
 from .support import TRITON_OPS, define_triton_op
 
 __all__ = ["GEMV_CONFIG", "gemv_reference", "gemv_supported", "tile_int4_gemv", "word_nibbles"]
@@ -46,17 +46,9 @@ def gemv_supported(tile: tuple[int, int], dtype: torch.dtype) -> bool:
     return word_nibbles(l1) > 0 and pow2 and dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
-def gemv_reference(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    tile: tuple[int, int],
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+def gemv_reference(x: torch.Tensor, weight: TileInt4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Torch version of the kernel's decomposition, in float32: ``(M, D_in) -> (M, D_out)`` float32."""
-
-    l1, l2 = tile
+    packed, scale, zero, (l1, l2) = weight
     m, d_in = x.shape
     d_out = packed.shape[0]
     x32 = x.float().reshape(m, d_in // l1, l1)
@@ -233,22 +225,20 @@ def _launch(
 
 def tile_int4_gemv(
     x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    tile: tuple[int, int],
+    weight: TileInt4Weight,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:  # pragma: no cover - needs CUDA
     """``x (1, D_in) -> x W~^T + bias`` as ``(1, D_out)`` in ``out_dtype`` (default ``x.dtype``) with the fused kernel.
 
-    Needs CUDA tensors and ``gemv_supported(tile, x.dtype)``. ``config`` overrides keys of :data:`GEMV_CONFIG`.
+    Needs CUDA tensors and ``gemv_supported(weight.tile, x.dtype)``. ``config`` overrides keys of :data:`GEMV_CONFIG`.
     Under ``torch.compile`` it is the op ``peft_balanced::tile_int4_gemv`` (inductor launches the kernel itself).
     """
     if x.shape[0] != 1:
         raise ValueError(f"tile_int4_gemv computes one token, got x of shape {tuple(x.shape)}")
     cfg = {**GEMV_CONFIG, **(config or {})}
+    packed, scale, zero, tile = weight
     args = (x.contiguous(), packed.contiguous(), scale.contiguous(), zero.contiguous())
     out = out_dtype or x.dtype
     if TRITON_OPS and torch.compiler.is_compiling():

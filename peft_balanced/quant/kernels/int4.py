@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from ..tile_int4 import dequantize_tiles
+from ..tile_int4 import TileInt4Weight
 from .support import TRITON_OPS, define_triton_op
 
 __all__ = ["dequantize_tiles_on_device", "dequantized_linear", "triton_dequantize_tiles"]
@@ -104,15 +104,12 @@ def _build_kernel():  # pragma: no cover - needs CUDA
 
 
 def triton_dequantize_tiles(
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    tile: tuple[int, int],
-    out_dtype: torch.dtype,
-    traced: bool = False,
+    weight: TileInt4Weight, out_dtype: torch.dtype, traced: bool = False
 ) -> torch.Tensor:  # pragma: no cover - needs CUDA
-    """Triton version of ``dequantize_tiles`` (same arguments and result); falls back to torch when not applicable.
-    ``traced``: launch through ``torch.library.wrap_triton`` (the body of ``peft_balanced::tile_int4_dequantize``)."""
+    """Triton version of ``dequantize_tiles``: ``W~ (D_out, D_in)`` in ``out_dtype``, the same bits; falls back to torch
+    when not applicable. ``traced``: launch through ``torch.library.wrap_triton`` (the body of
+    ``peft_balanced::tile_int4_dequantize``)."""
+    packed, scale, zero, tile = weight
     usable = (
         packed.is_cuda
         and scale.device == packed.device
@@ -121,7 +118,7 @@ def triton_dequantize_tiles(
         and out_dtype in (torch.float16, torch.bfloat16, torch.float32)
     )
     if not usable:
-        return dequantize_tiles(packed, scale, zero, tile, out_dtype)
+        return weight.dequantize(out_dtype)
     l1, l2 = tile
     d_out, half_in = packed.shape
     out = torch.empty(d_out, 2 * half_in, dtype=out_dtype, device=packed.device)
@@ -166,22 +163,21 @@ def triton_dequantize_tiles(
     return out
 
 
-def dequantize_tiles_on_device(
-    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, tile: tuple[int, int], out_dtype: torch.dtype
-) -> torch.Tensor:
+def dequantize_tiles_on_device(weight: TileInt4Weight, out_dtype: torch.dtype) -> torch.Tensor:
     """:func:`triton_dequantize_tiles`; under ``torch.compile`` the Triton op ``peft_balanced::tile_int4_dequantize``
     (dynamo records the op without tracing the building of the kernel; inductor launches the kernel itself)."""
+    packed, scale, zero, (l1, l2) = weight
     traced = TRITON_OPS and torch.compiler.is_compiling() and not (scale.requires_grad or zero.requires_grad)
     if traced:
-        return torch.ops.peft_balanced.tile_int4_dequantize(packed, scale, zero, tile[0], tile[1], out_dtype)
-    return triton_dequantize_tiles(packed, scale, zero, tile, out_dtype)
+        return torch.ops.peft_balanced.tile_int4_dequantize(packed, scale, zero, l1, l2, out_dtype)
+    return triton_dequantize_tiles(weight, out_dtype)
 
 
 def _tile_int4_dequantize_op(
     packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, l1: int, l2: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """:func:`triton_dequantize_tiles` with the tile as two ints: ``(D_out, D_in)`` in ``out_dtype``."""
-    return triton_dequantize_tiles(packed, scale, zero, (l1, l2), out_dtype, traced=True)
+    return triton_dequantize_tiles(TileInt4Weight(packed, scale, zero, (l1, l2)), out_dtype, traced=True)
 
 
 if TRITON_OPS:
@@ -197,28 +193,23 @@ class _DequantizedLinear(torch.autograd.Function):
     def forward(ctx, x, packed, scale, zero, bias, l1, l2):
         ctx.save_for_backward(packed, scale, zero)
         ctx.tile = (l1, l2)
-        return torch.nn.functional.linear(x, dequantize_tiles_on_device(packed, scale, zero, (l1, l2), x.dtype), bias)
+        weight = TileInt4Weight(packed, scale, zero, (l1, l2))
+        return torch.nn.functional.linear(x, dequantize_tiles_on_device(weight, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad):
         packed, scale, zero = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ dequantize_tiles_on_device(packed, scale, zero, ctx.tile, grad.dtype)
+            grad_x = grad @ dequantize_tiles_on_device(TileInt4Weight(packed, scale, zero, ctx.tile), grad.dtype)
         return grad_x, None, None, None, None, None, None
 
 
-def dequantized_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    tile: tuple[int, int],
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+def dequantized_linear(x: torch.Tensor, weight: TileInt4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, W~, bias)``, ``x: (..., D_in)`` in the output dtype, through :class:`_DequantizedLinear`
     (the weight dequantized again for the input's gradient instead of saved); frozen ``scale``, ``zero``, ``bias``."""
-    return _DequantizedLinear.apply(x, packed, scale, zero, bias, tile[0], tile[1])
+    packed, scale, zero, (l1, l2) = weight
+    return _DequantizedLinear.apply(x, packed, scale, zero, bias, l1, l2)
 
 
 class _InputGradLinear(torch.autograd.Function):
@@ -229,29 +220,23 @@ class _InputGradLinear(torch.autograd.Function):
     def forward(ctx, x, packed, scale, zero, bias, tile, kernel):  # pragma: no cover - needs CUDA
         ctx.save_for_backward(packed, scale, zero)
         ctx.tile = tile
-        return kernel(x, packed, scale, zero, tile, bias)
+        return kernel(x, TileInt4Weight(packed, scale, zero, tile), bias)
 
     @staticmethod
     def backward(ctx, grad):  # pragma: no cover - needs CUDA
         packed, scale, zero = ctx.saved_tensors
-        weight = triton_dequantize_tiles(packed, scale, zero, ctx.tile, grad.dtype)
+        weight = triton_dequantize_tiles(TileInt4Weight(packed, scale, zero, ctx.tile), grad.dtype)
         return grad @ weight, None, None, None, None, None, None
 
 
 def linear_with_kernel(
-    kernel,
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    tile: tuple[int, int],
-    bias: torch.Tensor | None = None,
+    kernel, x: torch.Tensor, weight: TileInt4Weight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:  # pragma: no cover - needs CUDA
-    """``F.linear(x, W~, bias)`` for ``x (..., D_in)`` through ``kernel(x2d, packed, scale, zero, tile, bias)``
-    (a 2-D fused forward); differentiable w.r.t. ``x``."""
+    """``F.linear(x, W~, bias)`` for ``x (..., D_in)`` through ``kernel(x2d, weight, bias)`` (a 2-D fused forward);
+    differentiable w.r.t. ``x``."""
     x2d = x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled() and x.requires_grad:
-        y = _InputGradLinear.apply(x2d, packed, scale, zero, bias, tile, kernel)
+        y = _InputGradLinear.apply(x2d, weight.packed, weight.scale, weight.zero, bias, weight.tile, kernel)
     else:
-        y = kernel(x2d, packed, scale, zero, tile, bias)
-    return y.reshape(*x.shape[:-1], packed.shape[0])
+        y = kernel(x2d, weight, bias)
+    return y.reshape(*x.shape[:-1], weight.packed.shape[0])

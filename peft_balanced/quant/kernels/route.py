@@ -1,6 +1,9 @@
-"""Which kernel computes a ``TileInt4Linear`` forward on CUDA, per token count and layer shape.
+"""How a ``TileInt4Linear`` forward is computed: :func:`tile_int4_linear`, the one place that decides.
 
-Candidates (all Triton, all read the packed codes):
+Off CUDA, without Triton, under the ``"torch"`` kernel preference, or when ``scale`` / ``zero`` / ``bias`` want a
+gradient: the torch reference (``dequantize_tiles`` + ``F.linear``). In training (the input wants a gradient): the
+weight decoded in the forward and again in the backward (``int4.dequantized_linear``), never saved. Otherwise, on
+CUDA, one of these routes, per token count and layer shape (all Triton, all read the packed codes):
 
 * ``gemv`` (:mod:`.gemv`) with a block shape: one token, products in registers, no tensor cores.
 * ``small_gemm`` (:mod:`.small_gemm`) with a block shape: up to ``SMALL_GEMM_MAX_TOKENS`` tokens, tensor cores.
@@ -22,10 +25,14 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from ...settings import int4_autotune_allowed
+from ..tile_int4 import TileInt4Weight
 from .gemv import gemv_supported, tile_int4_gemv
+from .int4 import dequantize_tiles_on_device, dequantized_linear, linear_with_kernel
 from .small_gemm import DEFAULT_CONFIG, small_gemm_supported, tile_int4_small_gemm
+from .support import triton_available
 
 __all__ = [
     "SMALL_GEMM_MAX_TOKENS",
@@ -33,6 +40,7 @@ __all__ = [
     "choose_route",
     "default_route",
     "route_kernel",
+    "tile_int4_linear",
     "time_on_device",
     "tune_routes",
     "tuned_routes",
@@ -157,24 +165,41 @@ def tune_routes(layers, tokens: tuple[int, ...] = (1,)) -> dict[Key, Route]:
 
 
 def route_kernel(
-    route: Route,
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    tile: tuple[int, int],
-    bias: torch.Tensor | None = None,
+    route: Route, x: torch.Tensor, weight: TileInt4Weight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``x (M, D_in) -> (M, D_out)`` through ``route``'s kernel (not ``dequantize``: that is the caller's path)."""
+    """``x (M, D_in) -> (M, D_out)`` in ``x.dtype`` through ``route`` (``dequantize``: the Triton decode + cuBLAS)."""
     if route.kernel == "gemv":
-        return tile_int4_gemv(x, packed, scale, zero, tile, bias, config=dict(route.config))
-    return tile_int4_small_gemm(x, packed, scale, zero, tile, bias, config=dict(route.config))
+        return tile_int4_gemv(x, weight, bias, config=dict(route.config))
+    if route.kernel == "small_gemm":
+        return tile_int4_small_gemm(x, weight, bias, config=dict(route.config))
+    return F.linear(x, dequantize_tiles_on_device(weight, x.dtype), bias)
 
 
-def _dequantize_linear(x, packed, scale, zero, tile, bias):
-    from .int4 import dequantize_tiles_on_device
+def dequantize(weight: TileInt4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """``W~ (D_out, D_in)`` in ``dtype``: the Triton kernel on CUDA when allowed, else the torch reference."""
+    if weight.packed.is_cuda and triton_available():
+        return dequantize_tiles_on_device(weight, dtype)
+    return weight.dequantize(dtype)
 
-    return torch.nn.functional.linear(x, dequantize_tiles_on_device(packed, scale, zero, tile, x.dtype), bias)
+
+def tile_int4_linear(
+    x: torch.Tensor,
+    weight: TileInt4Weight,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    needs_param_grad: bool = False,
+) -> torch.Tensor:
+    """``F.linear(x, W~, bias)`` in ``dtype`` for ``x (..., D_in)``, by the route this call takes (module docstring).
+    ``needs_param_grad``: ``scale`` / ``zero`` / ``bias`` want a gradient (only the torch reference gives one)."""
+    d_out, d_in = weight.shape
+    tokens = x.numel() // d_in if d_in else 0
+    if tokens and x.is_cuda and not needs_param_grad and triton_available():
+        route = choose_route(tokens, d_out, d_in, weight.tile, dtype)
+        if route.kernel != "dequantize":
+            return linear_with_kernel(functools.partial(route_kernel, route), x.to(dtype), weight, bias)
+    if torch.is_grad_enabled() and x.requires_grad and x.dtype == dtype and not needs_param_grad:
+        return dequantized_linear(x, weight, bias)  # training: decoded again for the backward, never saved
+    return F.linear(x, dequantize(weight, dtype), bias)
 
 
 @functools.lru_cache(maxsize=1)
@@ -210,13 +235,11 @@ def _tune(key: Key, dtype: torch.dtype) -> Route:
     packed = torch.randint(0, 256, (d_out, d_in // 2), dtype=torch.uint8, device="cuda", generator=gen)
     scale = torch.rand(d_out // l2, d_in // l1, device="cuda", generator=gen).to(torch.float16) * 1e-2
     zero = torch.randn(d_out // l2, d_in // l1, device="cuda", generator=gen) * 1e-2
+    weight = TileInt4Weight(packed, scale, zero, tile)
     x = torch.randn(tokens, d_in, device="cuda", generator=gen).to(dtype)
     best: tuple[float, Route] | None = None
     for route in candidates(tokens, d_out, d_in, tile, dtype):
-        if route.kernel == "dequantize":
-            fn = functools.partial(_dequantize_linear, x, packed, scale, zero, tile, None)
-        else:
-            fn = functools.partial(route_kernel, route, x, packed, scale, zero, tile, None)
+        fn = functools.partial(route_kernel, route, x, weight, None)
         try:
             ms = time_on_device(fn)
         except Exception:  # a block shape this device cannot compile or fit: not a candidate here  # noqa: BLE001

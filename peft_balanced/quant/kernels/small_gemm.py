@@ -29,6 +29,7 @@ import functools
 
 import torch
 
+from ..tile_int4 import TileInt4Weight
 from .support import TRITON_OPS, define_triton_op, triton_interpreting
 
 __all__ = ["DEFAULT_CONFIG", "small_gemm_supported", "tile_int4_small_gemm"]
@@ -218,20 +219,18 @@ def _launch(
 
 def tile_int4_small_gemm(
     x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    tile: tuple[int, int],
+    weight: TileInt4Weight,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """``x (M, D_in) -> x W~^T + bias`` as ``(M, D_out)`` in ``out_dtype`` (default ``x.dtype``), any ``M >= 1``.
 
-    Needs ``small_gemm_supported(tile, x.dtype, D_in)`` and CUDA tensors (or CPU tensors under
+    Needs ``small_gemm_supported(weight.tile, x.dtype, D_in)`` and CUDA tensors (or CPU tensors under
     ``TRITON_INTERPRET=1``). ``config`` overrides keys of :data:`DEFAULT_CONFIG`.
     """
     m, d_in = x.shape
+    packed, scale, zero, tile = weight
     if not small_gemm_supported(tile, x.dtype, d_in):
         raise ValueError(
             f"tile_int4_small_gemm: tile={tile}, dtype={x.dtype}, D_in={d_in} not supported (l1 an even power of two "
