@@ -8,7 +8,8 @@ import torch
 from test_quant_nf4 import nf4_layer
 
 from peft_balanced import ops
-from peft_balanced.quant.kernels import nf4, support
+from peft_balanced.backends import nf4
+from peft_balanced.quant.kernels import support
 
 pytestmark = pytest.mark.skipif(not support.TRITON_OPS, reason="torch.library.triton_op needs torch >= 2.6")
 

@@ -5,7 +5,7 @@ import bitsandbytes.functional as bnbF
 import pytest
 import torch
 
-from peft_balanced.quant.kernels.nf4 import (
+from peft_balanced.backends.nf4 import (
     MIN_TOKENS,
     _absmax,
     nf4_dequantize,

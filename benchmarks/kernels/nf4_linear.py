@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from peft_balanced.quant.kernels.nf4 import nf4_dequantize, nf4_linear
+from peft_balanced.backends.nf4 import nf4_dequantize, nf4_linear
 
 
 def nf4_layer(d_in: int, d_out: int):

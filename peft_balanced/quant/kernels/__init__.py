@@ -1,16 +1,14 @@
-"""Kernels of the quantized layers (CUDA + Triton; every one has a torch reference that runs anywhere).
+"""Kernels of the tile-INT4 layers (CUDA + Triton; every one has a torch reference that runs anywhere).
 
 * :mod:`.int4`: dequantize the 2-D-tile INT4 format in one kernel.
 * :mod:`.gemv`: fused one-token ``x W~ᵀ`` straight from packed tile-INT4 codes.
 * :mod:`.small_gemm`: fused dequantize-GEMM (tensor cores) for up to a few dozen tokens.
 * :mod:`.route`: which of them (or dequantize + cuBLAS) a ``TileInt4Linear`` call runs, measured per layer shape.
-* :mod:`.nf4`: dequantize a bitsandbytes NF4 weight in one kernel, and a linear built on it.
 * :mod:`.support`: whether Triton can run (and is allowed by ``peft_balanced.settings``).
 """
 
 from .gemv import gemv_reference, tile_int4_gemv
 from .int4 import triton_dequantize_tiles
-from .nf4 import nf4_dequantize, nf4_dequantize_reference, nf4_linear, uses_fast_nf4
 from .route import Route, choose_route, tile_int4_linear, tune_routes, tuned_routes
 from .small_gemm import tile_int4_small_gemm
 from .support import triton_available
@@ -19,9 +17,6 @@ __all__ = [
     "Route",
     "choose_route",
     "gemv_reference",
-    "nf4_dequantize",
-    "nf4_dequantize_reference",
-    "nf4_linear",
     "tile_int4_linear",
     "tile_int4_gemv",
     "tile_int4_small_gemm",
@@ -29,5 +24,4 @@ __all__ = [
     "triton_dequantize_tiles",
     "tune_routes",
     "tuned_routes",
-    "uses_fast_nf4",
 ]

@@ -10,7 +10,7 @@ choosing another kernel (bf16 rounding). The dequantized weight is not kept for 
 
 The adapter layers use it for bitsandbytes NF4 bases on CUDA when more than :data:`MIN_TOKENS` tokens go through
 (short inputs keep bitsandbytes' inference GEMV), through the fast-NF4 quantization backend
-(``peft_balanced.backends``). ``peft_balanced.set_kernel_preference("bitsandbytes")`` (or ``"torch"``) turns it off.
+(``backends/bitsandbytes.py``). ``peft_balanced.set_kernel_preference("bitsandbytes")`` (or ``"torch"``) turns it off.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...settings import fast_nf4_allowed
-from .support import TRITON_OPS, define_triton_op, triton_available
+from ..quant.kernels.support import TRITON_OPS, define_triton_op, triton_available
+from ..settings import fast_nf4_allowed
 
 __all__ = ["MIN_TOKENS", "nf4_dequantize", "nf4_dequantize_reference", "nf4_linear", "uses_fast_nf4"]
 
