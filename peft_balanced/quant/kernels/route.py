@@ -150,15 +150,15 @@ def tuned_routes() -> dict[Key, Route]:
 
 
 def tune_routes(layers, tokens: tuple[int, ...] = (1,)) -> dict[Key, Route]:
-    """Measure the routes of every distinct ``TileInt4Linear`` shape in ``layers`` (a module or an iterable of
-    layers) for each token count in ``tokens``; returns :func:`tuned_routes`."""
-    from ..linear import TileInt4Linear
-
+    """Measure the routes of every distinct tile-INT4 layer shape in ``layers`` (a module, or an iterable of layers
+    with a ``packed_weight``) for each token count in ``tokens``, in each layer's ``compute_dtype``; returns
+    :func:`tuned_routes`."""
     modules = layers.modules() if isinstance(layers, torch.nn.Module) else layers
     for layer in modules:
-        if isinstance(layer, TileInt4Linear) and layer.qweight.is_cuda:
+        weight = getattr(layer, "packed_weight", None)
+        if isinstance(weight, TileInt4Weight) and weight.packed.is_cuda:
             for count in tokens:
-                key = _key(layer.out_features, layer.in_features, layer.tile, layer.compute_dtype, count)
+                key = _key(*weight.shape, weight.tile, layer.compute_dtype, count)
                 if key not in _TUNED and count <= SMALL_GEMM_MAX_TOKENS:
                     _tune(key, layer.compute_dtype)
     return tuned_routes()
