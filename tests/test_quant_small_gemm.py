@@ -39,19 +39,38 @@ def _rel(y, ref):
 
 
 def _check(d_out, d_in, tile, tokens, dtype, device, seed, config=None):
+    """``(float32 result within float32 summation error of x @ round(W~)^T, dtype result = float32 result rounded
+    once, relative error of the dtype result against the exact product)``."""
     packed, scale, zero = _quantized(d_out, d_in, tile, device, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(tokens, d_in, generator=gen).to(device=device, dtype=dtype)
     bias = torch.randn(d_out, generator=gen).to(device=device, dtype=dtype)
-    weight32 = dequantize_tiles(packed, scale, zero, tile, torch.float32)
-    ref_rounded = x.double() @ _rounded(weight32, dtype).double().T + bias.double()
+    rounded = _rounded(dequantize_tiles(packed, scale, zero, tile, torch.float32), dtype).double()
+    ref_rounded = x.double() @ rounded.T + bias.double()
+    # the products of 16-bit numbers are exact in float32; each of the d_in additions errs by at most 2^-23 relative
+    bound = d_in * 2.0**-23 * (x.double().abs() @ rounded.abs().T + bias.double().abs())
     ref = x.double() @ dequantize_tiles(packed, scale, zero, tile, torch.float64).T + bias.double()
     weight = TileInt4Weight(packed, scale, zero, tile)
     y32 = small_gemm.tile_int4_small_gemm(x, weight, bias, torch.float32, config)
     y = small_gemm.tile_int4_small_gemm(x, weight, bias, config=config)
     assert y.dtype == dtype and y.shape == (tokens, d_out) and bool(torch.isfinite(y).all())
     one_rounding = ((y.float() - y32).abs() <= ULP[dtype] * y32.abs() + 1e-6).all()
-    return _rel(y32, ref_rounded), bool(one_rounding), _rel(y, ref)
+    summed = ((y32.double() - ref_rounded).abs() <= bound).all()
+    return bool(summed), bool(one_rounding), _rel(y, ref)
+
+
+def _decodes_exactly(d_out, d_in, tile, dtype, device, config=None):
+    """One-hot inputs pick single columns, so every output is one decoded weight (no rounding of sums): the kernel's
+    float32 result must equal ``dequantize_tiles`` rounded to ``dtype``, bit for bit."""
+    packed, scale, zero = _quantized(d_out, d_in, tile, device, seed=7)
+    columns = torch.cat([torch.arange(8), torch.randperm(d_in, generator=torch.Generator().manual_seed(0))[:48]])
+    columns = torch.cat([columns, torch.arange(d_in - 8, d_in)])  # 64 columns: both ends and random ones
+    x = torch.zeros(len(columns), d_in, dtype=dtype)
+    x[torch.arange(len(columns)), columns] = 1
+    weight = TileInt4Weight(packed, scale, zero, tile)
+    y32 = small_gemm.tile_int4_small_gemm(x.to(device), weight, None, torch.float32, config)
+    expected = _rounded(dequantize_tiles(packed, scale, zero, tile, torch.float32), dtype)[:, columns.to(device)].T
+    return torch.equal(y32, expected)
 
 
 # ---------------------------------------------------------------- CPU
@@ -95,8 +114,8 @@ def interpreted():
 @pytest.mark.parametrize("tokens", [1, 9, 16, 33, 64])
 def test_interpreted_small_gemm_matches_the_dequantized_matmul(interpreted, d_out, d_in, tile, tokens):
     dtype = torch.bfloat16 if tokens % 2 else torch.float16
-    err32, one_rounding, err = _check(d_out, d_in, tile, tokens, dtype, "cpu", seed=tokens)
-    assert err32 < 1e-5 and one_rounding
+    summed, one_rounding, err = _check(d_out, d_in, tile, tokens, dtype, "cpu", seed=tokens)
+    assert summed and one_rounding
     if dtype == torch.float16:  # the interpreter truncates to bf16: its error vs the exact product is biased
         assert err < 2e-2
 
@@ -105,8 +124,16 @@ def test_interpreted_small_gemm_matches_the_dequantized_matmul(interpreted, d_ou
 @pytest.mark.parametrize("split_k", [2, 3])
 def test_interpreted_small_gemm_with_split_k_gives_the_same_result(interpreted, split_k):
     config = {"split_k": split_k, "block_k": 64}
-    err32, one_rounding, _ = _check(104, 288, (4, 8), 33, torch.bfloat16, "cpu", 5, config)
-    assert err32 < 1e-5 and one_rounding
+    summed, one_rounding, _ = _check(104, 288, (4, 8), 33, torch.bfloat16, "cpu", 5, config)
+    assert summed and one_rounding
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("tile", "dtype"), [((4, 8), torch.bfloat16), ((8, 8), torch.float16), ((2, 2), torch.bfloat16)]
+)
+def test_interpreted_small_gemm_decodes_every_weight_as_dequantize_tiles(interpreted, tile, dtype):
+    assert _decodes_exactly(104, 288, tile, dtype, "cpu", {"block_k": 64})
 
 
 # ---------------------------------------------------------------- CUDA (skipped on CPU-only machines)
@@ -123,9 +150,16 @@ def _needs_cuda():
 @pytest.mark.parametrize("tokens", [1, 2, 9, 16, 64])
 def test_cuda_small_gemm_matches_the_dequantized_matmul(d_out, d_in, tile, tokens, dtype):
     _needs_cuda()
-    err32, one_rounding, err = _check(d_out, d_in, tile, tokens, dtype, "cuda", seed=d_out + tokens)
-    assert err32 < 1e-5 and one_rounding
+    summed, one_rounding, err = _check(d_out, d_in, tile, tokens, dtype, "cuda", seed=d_out + tokens)
+    assert summed and one_rounding
     assert err < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("d_out", "d_in"), [(4096, 11008), (200, 288)])
+def test_cuda_small_gemm_decodes_every_weight_as_dequantize_tiles(d_out, d_in, dtype):
+    _needs_cuda()
+    assert _decodes_exactly(d_out, d_in, (4, 8), dtype, "cuda")
 
 
 @pytest.mark.parametrize("split_k", [1, 4])

@@ -46,12 +46,15 @@ __all__ = [
     "tuned_routes",
 ]
 
-SMALL_GEMM_MAX_TOKENS = 64  # above: dequantize + cuBLAS (the weight's decoding is amortised over many tokens)
+# Above this many tokens: dequantize + cuBLAS, measured faster than the small GEMM at 32 and 64 tokens on an H100
+# (docs/benchmarks.md, issue 21).
+SMALL_GEMM_MAX_TOKENS = 16
 
-# (block_n, block_k, num_warps, num_stages) tried per bucket; split_k follows from the grid (see _split_for)
-_SMALL_GEMM_SHAPES = ((16, 256, 4, 4), (32, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3), (64, 128, 4, 4))
+# The block shapes that won somewhere in that measurement (the others were dropped):
+# (block_n, block_k, num_warps, num_stages) of the small GEMM; split_k follows from the grid (see _split_for)
+_SMALL_GEMM_SHAPES = ((32, 256, 4, 3), (64, 256, 4, 3), (64, 128, 4, 4))
 # (rows, block_w, num_warps) of the one-token GEMV: block_w words of the code row per step
-_GEMV_SHAPES = ((8, 256, 4), (8, 128, 4), (16, 128, 4), (16, 256, 8), (8, 64, 4))
+_GEMV_SHAPES = ((8, 256, 4), (8, 128, 4), (16, 256, 8))
 
 
 class Route(NamedTuple):
@@ -217,7 +220,7 @@ def time_on_device(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     for start, end in zip(starts, ends, strict=True):
-        torch.cuda._sleep(200_000)
+        torch.cuda._sleep(2_000_000)  # ~1 ms: the host enqueues fn (launches, allocations) before the GPU gets there
         flush.sum()
         start.record()
         fn()
