@@ -37,6 +37,8 @@ from .support import triton_available
 __all__ = [
     "SMALL_GEMM_MAX_TOKENS",
     "Route",
+    "bucket",
+    "candidates",
     "choose_route",
     "default_route",
     "route_kernel",
@@ -58,12 +60,14 @@ _GEMV_SHAPES = ((8, 256, 4), (8, 128, 4), (16, 256, 8))
 
 
 class Route(NamedTuple):
-    """A kernel (``"gemv"``, ``"small_gemm"`` or ``"dequantize"``) and, for ``small_gemm``, its block shape."""
+    """A kernel (``"gemv"``, ``"small_gemm"`` or ``"dequantize"``) and the block shape it runs with (empty: the
+    kernel's default)."""
 
     kernel: str
     config: tuple[tuple[str, int], ...] = ()
 
     def describe(self) -> str:
+        """``"small_gemm {'block_n': 32, ...}"``: for logs and tables."""
         return self.kernel + (f" {dict(self.config)}" if self.config else "")
 
 
