@@ -138,9 +138,16 @@ def default_route(tokens: int, d_out: int, d_in: int, tile: tuple[int, int], dty
     return Route("dequantize")
 
 
-def choose_route(tokens: int, d_out: int, d_in: int, tile: tuple[int, int], dtype: torch.dtype) -> Route:
-    """The route for ``tokens`` rows through a ``(D_out, D_in)`` layer: measured once per key on an eager call (see
-    the module's docstring), else :func:`default_route`."""
+def choose_route(
+    tokens: int,
+    d_out: int,
+    d_in: int,
+    tile: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+) -> Route:
+    """The route for ``tokens`` rows through a ``(D_out, D_in)`` layer: measured once per key on an eager call on
+    ``device`` (default: the current CUDA device; see the module's docstring), else :func:`default_route`."""
     if tokens > SMALL_GEMM_MAX_TOKENS:
         return Route("dequantize")
     key = _key(d_out, d_in, tile, dtype, tokens)
@@ -148,7 +155,7 @@ def choose_route(tokens: int, d_out: int, d_in: int, tile: tuple[int, int], dtyp
         return _TUNED[key]
     if torch.compiler.is_compiling() or not int4_autotune_allowed() or _capturing():
         return default_route(tokens, d_out, d_in, tile, dtype)
-    return _tune(key, dtype)
+    return _tune(key, dtype, device)
 
 
 def tuned_routes() -> dict[Key, Route]:
@@ -167,7 +174,7 @@ def tune_routes(layers, tokens: tuple[int, ...] = (1,)) -> dict[Key, Route]:
             for count in tokens:
                 key = _key(*weight.shape, weight.tile, layer.compute_dtype, count)
                 if key not in _TUNED and count <= SMALL_GEMM_MAX_TOKENS:
-                    _tune(key, layer.compute_dtype)
+                    _tune(key, layer.compute_dtype, weight.packed.device)
     return tuned_routes()
 
 
@@ -201,7 +208,7 @@ def tile_int4_linear(
     d_out, d_in = weight.shape
     tokens = x.numel() // d_in if d_in else 0
     if tokens and x.is_cuda and not needs_param_grad and triton_available():
-        route = choose_route(tokens, d_out, d_in, weight.tile, dtype)
+        route = choose_route(tokens, d_out, d_in, weight.tile, dtype, x.device)
         if route.kernel != "dequantize":
             return linear_with_kernel(functools.partial(route_kernel, route), x.to(dtype), weight, bias)
     if torch.is_grad_enabled() and x.requires_grad and x.dtype == dtype and not needs_param_grad:
@@ -234,25 +241,27 @@ def time_on_device(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -
 
 
 @torch.no_grad()
-def _tune(key: Key, dtype: torch.dtype) -> Route:
-    """Time every candidate of ``key`` on random data of its shape; cache and return the fastest."""
+def _tune(key: Key, dtype: torch.dtype, device: torch.device | None = None) -> Route:
+    """Time every candidate of ``key`` on random data of its shape on ``device``; cache and return the fastest."""
     d_out, d_in, tile, _, tokens = key
     l1, l2 = tile
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    packed = torch.randint(0, 256, (d_out, d_in // 2), dtype=torch.uint8, device="cuda", generator=gen)
-    scale = torch.rand(d_out // l2, d_in // l1, device="cuda", generator=gen).to(torch.float16) * 1e-2
-    zero = torch.randn(d_out // l2, d_in // l1, device="cuda", generator=gen) * 1e-2
-    weight = TileInt4Weight(packed, scale, zero, tile)
-    x = torch.randn(tokens, d_in, device="cuda", generator=gen).to(dtype)
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else device
     best: tuple[float, Route] | None = None
-    for route in candidates(tokens, d_out, d_in, tile, dtype):
-        fn = functools.partial(route_kernel, route, x, weight, None)
-        try:
-            ms = time_on_device(fn)
-        except Exception:  # a block shape this device cannot compile or fit: not a candidate here  # noqa: BLE001
-            continue
-        if best is None or ms < best[0]:
-            best = (ms, route)
+    with torch.cuda.device(device):
+        gen = torch.Generator(device=device).manual_seed(0)
+        packed = torch.randint(0, 256, (d_out, d_in // 2), dtype=torch.uint8, device=device, generator=gen)
+        scale = torch.rand(d_out // l2, d_in // l1, device=device, generator=gen).to(torch.float16) * 1e-2
+        zero = torch.randn(d_out // l2, d_in // l1, device=device, generator=gen) * 1e-2
+        weight = TileInt4Weight(packed, scale, zero, tile)
+        x = torch.randn(tokens, d_in, device=device, generator=gen).to(dtype)
+        for route in candidates(tokens, d_out, d_in, tile, dtype):
+            fn = functools.partial(route_kernel, route, x, weight, None)
+            try:
+                ms = time_on_device(fn)
+            except Exception:  # a block shape this device cannot compile or fit: not a candidate  # noqa: BLE001
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, route)
     route = best[1] if best else Route("dequantize")
     _TUNED[key] = route
     return route
