@@ -54,6 +54,12 @@ def test_a_compiled_step_gives_the_tokens_of_greedy_generate_on_a_quantized_mode
     assert torch.equal(ids, _generate(model, prompt, 8))
 
 
+def test_generate_with_a_static_cache_is_timed_in_new_tokens_per_second():
+    model = quantize_model(tiny_llama(), (4, 8))
+    prompt = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    assert int4_decode.generate_tok_s(model, prompt, new_tokens=4, repeats=1) > 0
+
+
 def test_static_cache_decode_rejects_a_batch_of_prompts():
     with pytest.raises(ValueError, match=r"batch 1, got a prompt of shape \(2, 5\)"):
         int4_decode.static_greedy(tiny_llama(), torch.zeros(2, 5, dtype=torch.long), new_tokens=3)
