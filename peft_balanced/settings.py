@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 
-from .validation import check_enum
+from .validation import check_enum, check_flag
 
 __all__ = [
     "KernelPreference",
@@ -106,6 +106,4 @@ def set_int4_autotune(enabled: bool) -> None:
     """Let tile-INT4 layers measure their kernels on first use (``True``, the default) or always take the default
     route (``False``)."""
     global _int4_autotune
-    if not isinstance(enabled, bool):
-        raise ValueError(f"int4 autotune must be True or False, got {enabled!r}")
-    _int4_autotune = enabled
+    _int4_autotune = check_flag("int4 autotune", enabled)

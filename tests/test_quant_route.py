@@ -125,11 +125,15 @@ def test_cuda_tune_routes_measures_each_shape_once(monkeypatch):
     assert sorted(tuned) == [(512, 512, (4, 8), "bfloat16", 1), (512, 512, (4, 8), "bfloat16", 4)]
 
 
+def _bf16_layer_and_input(d_out, tokens):
+    _needs_triton()
+    layer = TileInt4Linear.from_linear(nn.Linear(1024, d_out, device="cuda", dtype=torch.bfloat16), (4, 8))
+    return layer, torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("tokens", [1, 8])
 def test_cuda_compiled_forward_has_no_graph_break_and_equals_eager(tokens):
-    _needs_triton()
-    layer = TileInt4Linear.from_linear(nn.Linear(1024, 512, device="cuda", dtype=torch.bfloat16), (4, 8))
-    x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
+    layer, x = _bf16_layer_and_input(512, tokens)
     with torch.no_grad():
         eager = layer(x)  # measures the route first
         compiled = torch.compile(layer, fullgraph=True, dynamic=False)(x)
@@ -138,9 +142,7 @@ def test_cuda_compiled_forward_has_no_graph_break_and_equals_eager(tokens):
 
 @pytest.mark.parametrize("tokens", [1, 8])
 def test_cuda_graph_replay_equals_the_eager_call(tokens):
-    _needs_triton()
-    layer = TileInt4Linear.from_linear(nn.Linear(1024, 4096, device="cuda", dtype=torch.bfloat16), (4, 8))
-    x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
+    layer, x = _bf16_layer_and_input(4096, tokens)
     with torch.no_grad():
         eager = layer(x)
         graph = torch.cuda.CUDAGraph()

@@ -141,20 +141,18 @@ def static_greedy(
     return torch.cat([prompt, torch.stack(out, dim=1)], dim=1), seconds
 
 
+def greedy(new_tokens: int, **extra) -> dict:
+    """``generate`` keyword arguments for exactly ``new_tokens`` greedy tokens (plus ``extra``)."""
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
+
+
 def tokens_agreeing_with_generate(model: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int) -> int:
     """How many leading new tokens of the eager static-cache loop equal ``model.generate(do_sample=False)``'s
     (``new_tokens`` when all do). Random weights give near-tied logits, and ``generate``'s dynamic cache runs attention
     over fewer keys than the static one, so a late divergence on a GPU can be a rounding tie, not a bug."""
     ids, _ = static_greedy(model, prompt, new_tokens)
     with torch.inference_mode():
-        expected = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), **greedy(new_tokens))
     differs = (ids != expected)[0, prompt.shape[1] :].nonzero()
     return int(differs[0, 0]) if len(differs) else new_tokens
 
@@ -163,13 +161,7 @@ def tokens_agreeing_with_generate(model: LlamaForCausalLM, prompt: torch.Tensor,
 def generate_tok_s(model: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
     """New tokens per second of ``model.generate(cache_implementation="static")`` (prefill included), median of
     ``repeats`` calls after a warm-up call (which compiles the decode step on a GPU)."""
-    kwargs = dict(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        cache_implementation="static",
-        pad_token_id=0,
-    )
+    kwargs = greedy(new_tokens, cache_implementation="static")
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     model.generate(prompt, **kwargs)
     seconds = []

@@ -22,7 +22,7 @@ import functools
 import torch
 
 from ..tile_int4 import TileInt4Weight, unpack_int4
-from .support import TRITON_OPS, define_triton_op
+from .support import matmul_op
 
 __all__ = ["GEMV_CONFIG", "gemv_reference", "gemv_supported", "tile_int4_gemv", "word_nibbles"]
 
@@ -175,15 +175,13 @@ def _build():  # pragma: no cover - needs CUDA
 
 def _launch(
     x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    tile: tuple[int, int],
+    weight: TileInt4Weight,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     config: dict[str, int],
     traced: bool = False,
 ) -> torch.Tensor:  # pragma: no cover - needs CUDA
+    packed, scale, zero, tile = weight
     l1, l2 = tile
     c = word_nibbles(l1)
     d_in = x.shape[1]
@@ -223,6 +221,9 @@ def _launch(
     return y
 
 
+_run = matmul_op("tile_int4_gemv", _launch, tuple(GEMV_CONFIG))
+
+
 def tile_int4_gemv(
     x: torch.Tensor,
     weight: TileInt4Weight,
@@ -237,31 +238,4 @@ def tile_int4_gemv(
     """
     if x.shape[0] != 1:
         raise ValueError(f"tile_int4_gemv computes one token, got x of shape {tuple(x.shape)}")
-    cfg = {**GEMV_CONFIG, **(config or {})}
-    packed, scale, zero, tile = weight
-    args = (x.contiguous(), packed.contiguous(), scale.contiguous(), zero.contiguous())
-    out = out_dtype or x.dtype
-    if TRITON_OPS and torch.compiler.is_compiling():
-        return torch.ops.peft_balanced.tile_int4_gemv(*args, *tile, bias, out, [cfg[k] for k in GEMV_CONFIG])
-    return _launch(*args, tile, bias, out, cfg)
-
-
-def _gemv_op(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    l1: int,
-    l2: int,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    config: list[int],
-) -> torch.Tensor:  # pragma: no cover - needs CUDA
-    """The op ``peft_balanced::tile_int4_gemv``: :func:`tile_int4_gemv` with the tile and the block shape as ints
-    (``config`` in the order of :data:`GEMV_CONFIG`'s keys)."""
-    cfg = dict(zip(GEMV_CONFIG, config, strict=True))
-    return _launch(x, packed, scale, zero, (l1, l2), bias, out_dtype, cfg, traced=True)
-
-
-if TRITON_OPS:
-    define_triton_op("tile_int4_gemv", _gemv_op)
+    return _run(x, weight, bias, out_dtype or x.dtype, {**GEMV_CONFIG, **(config or {})})

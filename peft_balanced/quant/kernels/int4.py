@@ -225,7 +225,7 @@ class _InputGradLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # pragma: no cover - needs CUDA
         packed, scale, zero = ctx.saved_tensors
-        weight = triton_dequantize_tiles(TileInt4Weight(packed, scale, zero, ctx.tile), grad.dtype)
+        weight = dequantize_tiles_on_device(TileInt4Weight(packed, scale, zero, ctx.tile), grad.dtype)
         return grad @ weight, None, None, None, None, None, None
 
 

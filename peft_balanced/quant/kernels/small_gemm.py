@@ -30,7 +30,7 @@ import functools
 import torch
 
 from ..tile_int4 import TileInt4Weight
-from .support import TRITON_OPS, define_triton_op, triton_interpreting
+from .support import matmul_op, triton_interpreting
 
 __all__ = ["DEFAULT_CONFIG", "small_gemm_supported", "tile_int4_small_gemm"]
 
@@ -152,15 +152,13 @@ def _build():
 
 def _launch(
     x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    tile: tuple[int, int],
+    weight: TileInt4Weight,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     config: dict[str, int],
     traced: bool = False,
 ) -> torch.Tensor:
+    packed, scale, zero, tile = weight
     m, d_in = x.shape
     d_out = packed.shape[0]
     l1, l2 = tile
@@ -217,6 +215,9 @@ def _launch(
     return out
 
 
+_run = matmul_op("tile_int4_small_gemm", _launch, tuple(DEFAULT_CONFIG))
+
+
 def tile_int4_small_gemm(
     x: torch.Tensor,
     weight: TileInt4Weight,
@@ -227,47 +228,15 @@ def tile_int4_small_gemm(
     """``x (M, D_in) -> x W~^T + bias`` as ``(M, D_out)`` in ``out_dtype`` (default ``x.dtype``), any ``M >= 1``.
 
     Needs ``small_gemm_supported(weight.tile, x.dtype, D_in)`` and CUDA tensors (or CPU tensors under
-    ``TRITON_INTERPRET=1``). ``config`` overrides keys of :data:`DEFAULT_CONFIG`.
+    ``TRITON_INTERPRET=1``). ``config`` overrides keys of :data:`DEFAULT_CONFIG`. Under ``torch.compile`` it is the op
+    ``peft_balanced::tile_int4_small_gemm``.
     """
-    m, d_in = x.shape
-    packed, scale, zero, tile = weight
-    if not small_gemm_supported(tile, x.dtype, d_in):
+    d_in = x.shape[1]
+    if not small_gemm_supported(weight.tile, x.dtype, d_in):
         raise ValueError(
-            f"tile_int4_small_gemm: tile={tile}, dtype={x.dtype}, D_in={d_in} not supported (l1 an even power of two "
-            "up to 64, D_in a multiple of 32, fp16 / bf16 activations)"
+            f"tile_int4_small_gemm: tile={weight.tile}, dtype={x.dtype}, D_in={d_in} not supported (l1 an even power "
+            "of two up to 64, D_in a multiple of 32, fp16 / bf16 activations)"
         )
     if not (x.is_cuda or triton_interpreting()):
         raise RuntimeError("tile_int4_small_gemm needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
-    args = (x.contiguous(), packed.contiguous(), scale.contiguous(), zero.contiguous(), tile, bias)
-    if TRITON_OPS and torch.compiler.is_compiling() and not triton_interpreting():
-        return torch.ops.peft_balanced.tile_int4_small_gemm(*args[:4], *tile, bias, out_dtype or x.dtype, _packed(cfg))
-    return _launch(*args, out_dtype or x.dtype, cfg)
-
-
-_CONFIG_KEYS = tuple(DEFAULT_CONFIG)
-
-
-def _packed(config: dict[str, int]) -> list[int]:
-    return [int(config[key]) for key in _CONFIG_KEYS]
-
-
-def _small_gemm_op(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    l1: int,
-    l2: int,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    config: list[int],
-) -> torch.Tensor:
-    """The op ``peft_balanced::tile_int4_small_gemm``: :func:`tile_int4_small_gemm` with the tile and the block shape
-    as ints (``config`` in the order of :data:`DEFAULT_CONFIG`'s keys)."""
-    cfg = dict(zip(_CONFIG_KEYS, config, strict=True))
-    return _launch(x, packed, scale, zero, (l1, l2), bias, out_dtype, cfg, traced=True)
-
-
-if TRITON_OPS:
-    define_triton_op("tile_int4_small_gemm", _small_gemm_op)
+    return _run(x, weight, bias, out_dtype or x.dtype, {**DEFAULT_CONFIG, **(config or {})})

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
 from ...settings import triton_allowed
+from ..tile_int4 import TileInt4Weight
 
-__all__ = ["TRITON_OPS", "define_triton_op", "triton_available", "triton_interpreting"]
+__all__ = ["TRITON_OPS", "define_triton_op", "matmul_op", "triton_available", "triton_interpreting"]
 
 
 _triton_found: bool | None = None  # decided once per process, at the first question
@@ -70,3 +72,43 @@ def define_triton_op(name: str, function):
         return torch.library.triton_op(f"peft_balanced::{name}", function, mutates_args=())
     finally:
         finder_log.setLevel(level)
+
+
+MatmulLaunch = Callable[..., torch.Tensor]  # (x, weight, bias, out_dtype, config, traced) -> y
+
+
+def matmul_op(name: str, launch: MatmulLaunch, config_keys: tuple[str, ...]) -> MatmulLaunch:
+    """A tile-INT4 matmul kernel as ``run(x, weight, bias, out_dtype, config)``: eager calls run
+    ``launch(x, weight, bias, out_dtype, config)``; under ``torch.compile`` the call is the Triton op
+    ``peft_balanced::<name>`` (registered here; the tile and ``config``'s values, in ``config_keys`` order, travel as
+    ints), whose body is ``launch(..., traced=True)``."""
+
+    def body(
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        l1: int,
+        l2: int,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+        config: list[int],
+    ) -> torch.Tensor:
+        weight = TileInt4Weight(packed, scale, zero, (l1, l2))
+        return launch(x, weight, bias, out_dtype, dict(zip(config_keys, config, strict=True)), traced=True)
+
+    if TRITON_OPS:
+        define_triton_op(name, body)
+
+    def run(
+        x: torch.Tensor, weight: TileInt4Weight, bias: torch.Tensor | None, out_dtype: torch.dtype, config: dict
+    ) -> torch.Tensor:
+        packed, scale, zero, tile = weight
+        weight = TileInt4Weight(packed.contiguous(), scale.contiguous(), zero.contiguous(), tile)
+        x = x.contiguous()
+        if TRITON_OPS and torch.compiler.is_compiling() and not triton_interpreting():
+            op = getattr(torch.ops.peft_balanced, name)
+            return op(x, *weight[:3], *tile, bias, out_dtype, [int(config[key]) for key in config_keys])
+        return launch(x, weight, bias, out_dtype, config)
+
+    return run
