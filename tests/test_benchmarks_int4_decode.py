@@ -60,9 +60,13 @@ def test_generate_with_a_static_cache_is_timed_in_new_tokens_per_second():
     assert int4_decode.generate_tok_s(model, prompt, new_tokens=4, repeats=1) > 0
 
 
-def test_static_cache_decode_rejects_a_batch_of_prompts():
-    with pytest.raises(ValueError, match=r"batch 1, got a prompt of shape \(2, 5\)"):
-        int4_decode.static_greedy(tiny_llama(), torch.zeros(2, 5, dtype=torch.long), new_tokens=3)
+def test_a_batch_of_prompts_decodes_each_as_if_alone():
+    model = quantize_model(tiny_llama(initializer_range=0.2), (4, 8))
+    prompts = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(4))
+    ids, _ = int4_decode.static_greedy(model, prompts, new_tokens=10)
+    alone = torch.cat([int4_decode.static_greedy(model, p[None], new_tokens=10)[0] for p in prompts])
+    assert ids.shape == (2, 16)
+    assert torch.equal(ids, alone)
 
 
 def test_build_model_makes_random_weights_in_the_dtype_on_the_device():

@@ -1,7 +1,7 @@
-"""End-to-end batch-1 greedy decode of a Llama-2-7B-shaped model: bf16 vs tile-INT4 vs bitsandbytes NF4.
+"""End-to-end greedy decode (batch 1, or --batch B) of a Llama-2-7B-shaped model: bf16 vs tile-INT4 vs bitsandbytes NF4.
 
     PYTHONUNBUFFERED=1 python benchmarks/kernels/int4_decode.py [--layers 32] [--new-tokens 128] [--graph cuda]
-        [--compile] [--generate]
+        [--compile] [--generate] [--batch 16]
     python benchmarks/kernels/int4_decode.py --tiny            # CPU smoke test (a tiny Llama, no CUDA graphs)
 
 Random weights from a ``LlamaConfig`` (nothing is downloaded). The INT4 model is ``quantize_model`` of the same
@@ -19,7 +19,7 @@ run's tokens equal those of the same (compiled or eager) step run without a grap
 loop's first 32 tokens agree with ``model.generate(do_sample=False)``'s. ``--generate`` also times what a user writes,
 ``model.generate(ids, cache_implementation="static", max_new_tokens=N)`` (transformers compiles the decode step; new
 tokens per second of the whole call, prefill included, after one warm-up call).
-Writes ``int4_decode_{eager,compiled}.json`` under ``$OUT`` when set; the table is printed last.
+Writes ``int4_decode_{eager,compiled}[_batchB].json`` under ``$OUT`` when set; the table is printed last.
 """
 
 from __future__ import annotations
@@ -86,21 +86,19 @@ def static_greedy(
     warmup: int = 2,
     forward=None,
 ) -> tuple[torch.Tensor, float]:
-    """Greedy decode of ``new_tokens`` tokens after ``prompt (1, P)`` with a ``StaticCache``.
+    """Greedy decode of ``new_tokens`` tokens after ``prompt (B, P)`` with a ``StaticCache``.
 
-    Returns ``(ids (1, P + new_tokens), seconds of the decode steps)``. With ``graph`` (CUDA), the one-token step is
+    Returns ``(ids (B, P + new_tokens), seconds of the decode steps)``. With ``graph`` (CUDA), the one-token step is
     captured once in a CUDA graph (after ``warmup`` eager steps on a side stream) and replayed for every token.
     ``forward`` (default ``model``) runs the one-token step (a compiled ``model.forward``, say).
     """
-    if prompt.shape[0] != 1:
-        raise ValueError(f"static_greedy decodes batch 1, got a prompt of shape {tuple(prompt.shape)}")
-    device, length = prompt.device, prompt.shape[1]
+    device, (batch, length) = prompt.device, prompt.shape
     cache = StaticCache(config=model.config, max_cache_len=length + new_tokens)
     positions = torch.arange(length, device=device)[None]
     logits = model(input_ids=prompt, cache=cache, position_ids=positions, use_cache=True).logits[:, -1]
     out = [logits.argmax(-1)]
-    token = out[0].view(1, 1).clone()  # the step's inputs live at fixed addresses (graph replay reads them)
-    position = torch.full((1, 1), length, dtype=torch.long, device=device)
+    token = out[0].view(batch, 1).clone()  # the step's inputs live at fixed addresses (graph replay reads them)
+    position = torch.full((batch, 1), length, dtype=torch.long, device=device)
 
     forward = forward or model
 
@@ -133,7 +131,7 @@ def static_greedy(
     sync()
     start = time.perf_counter()
     for i in range(new_tokens - 1):
-        token.copy_(out[-1].view(1, 1))
+        token.copy_(out[-1].view(batch, 1))
         position.fill_(length + i)
         out.append(run().argmax(-1))
     sync()
@@ -153,13 +151,13 @@ def tokens_agreeing_with_generate(model: LlamaForCausalLM, prompt: torch.Tensor,
     ids, _ = static_greedy(model, prompt, new_tokens)
     with torch.inference_mode():
         expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), **greedy(new_tokens))
-    differs = (ids != expected)[0, prompt.shape[1] :].nonzero()
+    differs = (ids != expected)[:, prompt.shape[1] :].any(0).nonzero()
     return int(differs[0, 0]) if len(differs) else new_tokens
 
 
 @torch.inference_mode()
 def generate_tok_s(model: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    """New tokens per second of ``model.generate(cache_implementation="static")`` (prefill included), median of
+    """New tokens per second (all sequences) of ``model.generate(cache_implementation="static")`` (prefill included), median of
     ``repeats`` calls after a warm-up call (which compiles the decode step on a GPU)."""
     kwargs = greedy(new_tokens, cache_implementation="static")
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
@@ -171,10 +169,10 @@ def generate_tok_s(model: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: in
         model.generate(prompt, **kwargs)
         sync()
         seconds.append(time.perf_counter() - start)
-    return new_tokens / statistics.median(seconds)
+    return prompt.shape[0] * new_tokens / statistics.median(seconds)
 
 
-def make_variants(model: LlamaForCausalLM, names: list[str], device: str) -> dict:
+def make_variants(model: LlamaForCausalLM, names: list[str], device: str, batch: int = 1) -> dict:
     """``name -> (model, context)``; every quantized model is a copy of ``model`` (the same random weights)."""
     variants = {}
     for name in names:
@@ -183,7 +181,7 @@ def make_variants(model: LlamaForCausalLM, names: list[str], device: str) -> dic
         elif name == "int4":
             int4 = quantize_model(copy.deepcopy(model), (4, 8))
             if device == "cuda":
-                tune_routes(int4, tokens=(1,))
+                tune_routes(int4, tokens=sorted({1, batch}))
             variants[name] = (int4, nullcontext)
         elif name == "nf4":
             from peft_balanced.demo.models import quantize_linear_nf4
@@ -201,6 +199,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama on CPU (smoke test; no CUDA graphs)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32, or 2 with --tiny)")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (random ids)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--graph", choices=["cuda", "none"], default=None, help="default: cuda on a GPU")
@@ -220,8 +219,12 @@ def main() -> int:
     names = (args.variants or "bf16,int4,nf4").split(",")
     dtype = torch.bfloat16
     model = build_model(config, device, dtype)
-    variants = make_variants(model, names, device)
-    prompt = torch.randint(0, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    if args.batch < 1:
+        print(f"--batch must be at least 1, got {args.batch}")
+        return 2
+    variants = make_variants(model, names, device, args.batch)
+    shape = (args.batch, args.prompt)
+    prompt = torch.randint(0, config.vocab_size, shape, generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)
     print(
         f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, layers "
@@ -254,7 +257,7 @@ def main() -> int:
             "compiled": forward is not None,
             "graph_error": error,
             "weights_gib": weights_gib(variant),
-            "tok_s": (args.new_tokens - 1) / seconds,
+            "tok_s": args.batch * (args.new_tokens - 1) / seconds,
             "ms_per_token": seconds * 1e3 / (args.new_tokens - 1),
             "warm_up_s": warm_s,
             "graph_equals_eager": all(torch.equal(ids, eager_ids) for ids, _ in runs) if captured else None,
@@ -265,7 +268,7 @@ def main() -> int:
         print(json.dumps(row), flush=True)
     base = next((r["tok_s"] for r in rows if r["model"] == "bf16"), None)
     print(
-        f"\nbatch-1 greedy decode, prompt {args.prompt}, {args.new_tokens} new tokens, static cache, "
+        f"\nbatch-{args.batch} greedy decode (tok/s: new tokens of all sequences), prompt {args.prompt}, {args.new_tokens} new tokens, static cache, "
         f"{'CUDA graph' if graph else 'eager'}{', compiled' if args.compile else ''}, median of {args.repeats}"
     )
     gen_base = next((r["generate_tok_s"] for r in rows if r["model"] == "bf16"), None)
@@ -286,7 +289,7 @@ def main() -> int:
             f"{speedup:>8} {gen:>15} {gen_speedup:>8}"
         )
     if os.environ.get("OUT"):
-        tag = "compiled" if args.compile else "eager"
+        tag = ("compiled" if args.compile else "eager") + (f"_batch{args.batch}" if args.batch > 1 else "")
         with open(os.path.join(os.environ["OUT"], f"int4_decode_{tag}.json"), "w") as handle:
             json.dump({"args": vars(args), "graph": graph, "rows": rows}, handle, indent=1)
     return 0
