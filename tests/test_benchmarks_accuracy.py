@@ -69,6 +69,14 @@ def test_a_run_appends_a_record_with_accuracies_curves_and_the_saved_adapter(tmp
     assert (pathlib.Path(record["saved"][0]) / "adapter_config.json").is_file()
 
 
+def test_evaluating_at_the_end_only_scores_the_dev_set_once(tmp_path):
+    bench = _bench(tmp_path, eval_every=0, save=False)
+    harness.run_group([harness.METHODS["lora"]], seed=0, bench=bench, log=lambda line: None)
+    (record,) = _records(bench.out)
+    assert [point["step"] for point in record["eval_curve"]] == [3]
+    assert record["eval_curve"][0]["dev_accuracy"] == record["dev_accuracy"]
+
+
 def test_qlora_and_its_requantized_merge_share_one_training_run(tmp_path):
     bench = _bench(tmp_path, save=False)
     methods = [harness.METHODS["qlora_requant"], harness.METHODS["qlora"]]
@@ -283,3 +291,18 @@ def test_the_accuracy_table_gives_each_method_its_steps_per_second_and_whether_i
     assert report.steps_per_second([record(300.0, "off"), record(200.0, "off")]) == "2.50"
     assert report.steps_per_second([record(150.0, "default")]) == "4.00, compiled (default)"
     assert report.steps_per_second([{"settings": {"steps": 600}, "train_seconds": 0}]) == ""
+
+
+def test_a_failed_workers_exit_code_and_the_end_of_its_log_are_reported(tmp_path):
+    log = tmp_path / "worker-3.log"
+    log.write_text("[w3] [1/4] lora seed 0\n" + "".join(f"line {i}\n" for i in range(30)) + "RuntimeError: boom\n")
+    lines = parallel.failure_report(log, 3, 1, lines=5)
+    assert lines[0] == "[w3] exited with code 1; the end of worker-3.log:"
+    assert lines[1:] == [f"[w3] | line {i}" for i in range(26, 30)] + ["[w3] | RuntimeError: boom"]
+
+
+def test_mps_counts_as_running_when_its_pipe_directory_has_a_control_pipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    assert not parallel.mps_running()
+    (tmp_path / "control").touch()
+    assert parallel.mps_running()

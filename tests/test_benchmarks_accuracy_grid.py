@@ -85,6 +85,18 @@ def test_a_grid_with_a_planned_run_not_yet_recorded_is_not_judged():
     assert grid.extension_jobs(records, planned(seeds=(0, 1)), SETTINGS) == []
 
 
+def test_a_partial_grid_is_judged_on_the_seeds_that_ran_and_extended_for_every_seed():
+    records = [record("lora", 0, lr, acc) for lr, acc in ((1e-4, 0.4), (3e-4, 0.5), (1e-3, 0.6))]
+    records.append(record("lora", 1, 1e-4, 0.9))  # seed 1 has not run at every lr: it does not vote
+    jobs = grid.extension_jobs(records, planned(seeds=(0, 1)), SETTINGS, partial=True)
+    assert jobs == [Job(("lora",), 0, 3e-3, 200), Job(("lora",), 1, 3e-3, 200)]
+
+
+def test_a_partial_grid_where_no_seed_has_run_every_lr_is_not_judged():
+    records = [record("lora", 0, 1e-4, 0.4), record("lora", 1, 3e-4, 0.5)]
+    assert grid.extension_jobs(records, planned(seeds=(0, 1)), SETTINGS, partial=True) == []
+
+
 def test_runs_of_another_setting_do_not_enter_the_grid():
     records = [record("lora", 0, lr, acc) for lr, acc in ((1e-4, 0.4), (3e-4, 0.5), (1e-3, 0.6))]
     records.append({**record("lora", 0, 3e-4, 0.99), "settings": {**records[1]["settings"], "r": 64}})

@@ -374,6 +374,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
         records, _ = execute(jobs, bench, deadline, lambda line: print(prefix + line, flush=True),
                              take=lambda index: parallel.claim(plan, index, args.worker_id))  # fmt: skip
         return records
+    if args.resume and jobs:  # seeds still to run: extend the grids the finished seeds put at an edge beside them
+        jobs += [job for job in next_round(args, planned, settings, deadline, partial=True) if job not in jobs]
     bench, records, skipped, attempted = None, [], [], set(jobs)
     while True:  # the planned jobs, then the grid extensions they call for (resumed: the extensions only)
         if jobs:
@@ -399,7 +401,8 @@ def run_round(jobs, args, parser, device: str, deadline, settings: Settings, lim
     if workers > 1:
         jobs = sorted(jobs, key=lambda job: -job.steps * (3 if "gradapprox" in job.methods[0] else 1))  # long first
         plan = parallel.write_plan(pathlib.Path(args.out), jobs)
-        log(f"plan: {len(jobs)} jobs on {workers} worker processes ({plan})")
+        sharing = "CUDA MPS" if parallel.mps_running() else "time-slicing (no CUDA MPS daemon)"
+        log(f"plan: {len(jobs)} jobs on {workers} worker processes sharing the GPU by {sharing} ({plan})")
         argv = getattr(args, "argv", None)
         codes = parallel.launch_workers(sys.argv[1:] if argv is None else argv, plan, workers, deadline)
         left = parallel.unclaimed(plan, jobs)
@@ -413,14 +416,16 @@ def run_round(jobs, args, parser, device: str, deadline, settings: Settings, lim
     return bench, records, skipped
 
 
-def next_round(args, planned: list[Job], settings: Settings, deadline) -> list[Job]:
+def next_round(args, planned: list[Job], settings: Settings, deadline, partial: bool = False) -> list[Job]:
     """The runs that extend a ``planned`` grid whose choice is at an edge (``--extend-grid``; none past the
-    deadline). The grid's edges come from the records, its limit from ``planned`` (the grid as asked for)."""
+    deadline). The grid's edges come from the records, its limit from ``planned`` (the grid as asked for);
+    ``partial``: judged on the seeds that have run (grid.extension_jobs)."""
     if not args.extend_grid or args.lrs_from or (deadline and time.time() >= deadline):
         return []
-    jobs = extension_jobs(load_records(args.out, missing_ok=True), planned, vars(settings), args.extend_grid)
+    records = load_records(args.out, missing_ok=True)
+    jobs = extension_jobs(records, planned, vars(settings), args.extend_grid, partial=partial)
     for job in jobs:
-        log(f"grid edge: {job.label} (the choice was at an edge of the lrs tried)")
+        log(f"grid edge: {job.label} (the choice was at an edge of the lrs tried{' by the seeds so far' * partial})")
     return jobs
 
 

@@ -41,9 +41,9 @@ def estimate_seconds(group: list[Method], bench: Bench, seed: int) -> float:
     its estimation batches) and one dev evaluation per curve point and per merge. Measured speeds replace the
     assumed ones once a run of the same base format (training) or any run (evaluation, setup) has finished."""
     s, rates, method = bench.settings, bench.rates, group[0]
-    evals = 1
+    evals = 1  # step 0 of a curve, or the one evaluation at the end
     if method.adapter != "none":
-        evals += math.ceil(s.steps / s.eval_every) if s.eval_every else 1
+        evals += math.ceil(s.steps / s.eval_every) if s.eval_every else 0
         evals += sum(m.finish != "none" for m in group)
     tokens, batches = eval_tokens(bench)
     per_eval = rates.get("measured_eval", batches * rates["eval_batch"] + tokens / rates["eval"])

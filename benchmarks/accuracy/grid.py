@@ -81,10 +81,14 @@ def runs_by_lr(records: list[dict], method: str, steps: int, recipe: str, settin
     return by_lr, diverged
 
 
-def extension_jobs(records: list[dict], planned: list[Job], settings: dict, limit: int = 3) -> list[Job]:
-    """The next runs outward (from what ``records`` tried) for every planned grid (a method group, steps and recipe run at two or more lrs) whose
-    choice is at an edge; empty when every choice is interior, bounded by a divergence, or ``limit`` half-decade steps
-    beyond the planned grid. A grid with a planned run that has no record yet is not judged."""
+def extension_jobs(
+    records: list[dict], planned: list[Job], settings: dict, limit: int = 3, partial: bool = False
+) -> list[Job]:
+    """The next runs outward (from what ``records`` tried) for every planned grid (a method group, steps and recipe
+    run at two or more lrs) whose choice is at an edge; empty when every choice is interior, bounded by a divergence,
+    or ``limit`` half-decade steps beyond the planned grid. A grid with a planned run that has no record yet is not
+    judged, unless ``partial``: then it is judged on the seeds that ran at every planned lr (if any), and the
+    extension is planned for every seed."""
     grids: dict[tuple, dict[float, set[int]]] = {}
     for job in planned:
         grids.setdefault((job.methods, job.steps, job.recipe), {}).setdefault(job.lr, set()).add(job.seed)
@@ -94,8 +98,13 @@ def extension_jobs(records: list[dict], planned: list[Job], settings: dict, limi
             continue
         by_lr, diverged = runs_by_lr(records, methods[0], steps, recipe, settings)
         seeds = sorted(set().union(*planned_lrs.values()))
-        if any(seed not in by_lr.get(lr, {}) and lr not in diverged for lr, s in planned_lrs.items() for seed in s):
+        ran = [sd for sd in seeds if all(sd in by_lr.get(lr, {}) or lr in diverged for lr in planned_lrs)]
+        if len(ran) < len(seeds) and not (partial and ran):
             continue
+        if len(ran) < len(seeds):  # compare lrs on the same seeds
+            by_lr = {
+                lr: kept for lr, runs in by_lr.items() if (kept := {sd: r for sd, r in runs.items() if sd in ran})
+            }
         tried = set(by_lr) | diverged
         chosen, _ = choose_lr(by_lr, diverged)
         edge = edge_of(tried, chosen)

@@ -334,7 +334,8 @@ def train(
     log: Callable[[str], None],
     init_seconds: float = 0.0,
 ) -> dict:
-    """AdamW on the adapter over ``settings.steps`` batches; dev evaluations every ``eval_every`` steps.
+    """AdamW on the adapter over ``settings.steps`` batches; dev evaluations at step 0 and every ``eval_every`` steps
+    (``eval_every`` 0: once, at the end).
 
     Returns the train-loss curve, the eval curve (step, training seconds so far, accuracies), the training time
     (a gradient init included: GradApprox's here, LoRA-GA's ``init_seconds`` before; evaluations excluded) and token
@@ -364,7 +365,8 @@ def train(
         final.update(result)
         log(f"    step {step:>4}: dev mean {result['mean_accuracy']:.3f}  ({clock.total:.1f} s training)")
 
-    checkpoint(0)
+    if s.eval_every:  # a curve starts at step 0; with evaluation at the end only, the final point is all
+        checkpoint(0)
     clock.start()
     for step, indices in enumerate(schedule):
         for group in optimizer.param_groups:

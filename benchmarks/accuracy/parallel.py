@@ -50,6 +50,13 @@ def auto_parallel(device: str, jobs: int) -> int:
     return max(1, min(by_memory, by_cores, jobs))
 
 
+def mps_running() -> bool:
+    """Whether a CUDA MPS control daemon is up (its pipe directory holds ``control``): then the workers' kernels
+    share the GPU; without it they time-slice."""
+    pipes = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return os.path.exists(os.path.join(pipes, "control"))
+
+
 def write_plan(out: pathlib.Path, jobs: list[Job]) -> pathlib.Path:
     """The plan file (atomically written) whose claims directory workers share."""
     plans = out / "plans"
@@ -110,7 +117,11 @@ def launch_workers(argv: list[str], plan: pathlib.Path, workers: int, deadline: 
             echo.step()
             time.sleep(1.0)
         echo.step()
-        return [proc.returncode for proc in procs]
+        codes = [proc.returncode for proc in procs]
+        for i, code in enumerate(codes):
+            if code:
+                print("\n".join(failure_report(logs / f"worker-{i}.log", i, code)), flush=True)
+        return codes
     finally:  # stopped (timeout, Ctrl-C): the workers stop too; the records they appended stay
         signal.signal(signal.SIGTERM, previous)
         for proc in procs:
@@ -118,6 +129,14 @@ def launch_workers(argv: list[str], plan: pathlib.Path, workers: int, deadline: 
                 proc.terminate()
         for handle in files:
             handle.close()
+
+
+def failure_report(log: pathlib.Path, worker: int, code: int, lines: int = 20) -> list[str]:
+    """Lines that say a worker failed: its exit code and the last ``lines`` lines of its log (a traceback has no
+    ``[wN]`` prefix, so the echo never printed it), each with the worker's prefix."""
+    text = log.read_text(encoding="utf-8", errors="replace").splitlines() if log.exists() else []
+    tail = [f"[w{worker}] | {line}" for line in text[-lines:]]
+    return [f"[w{worker}] exited with code {code}; the end of {log.name}:", *tail]
 
 
 class LogEcho:
