@@ -306,3 +306,20 @@ def test_mps_counts_as_running_when_its_pipe_directory_has_a_control_pipe(tmp_pa
     assert not parallel.mps_running()
     (tmp_path / "control").touch()
     assert parallel.mps_running()
+
+
+def test_mps_that_cannot_start_says_why_and_leaves_the_workers_time_slicing(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "pipes"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-cuda-mps-control here
+    lines = []
+    with parallel.mps_daemon(lines.append) as up:
+        assert up is False
+    assert lines == ["CUDA MPS: nvidia-cuda-mps-control is not on PATH; the workers will time-slice the GPU"]
+
+
+def test_mps_already_running_is_used_and_left_running(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    (tmp_path / "control").touch()
+    with parallel.mps_daemon(print) as up:
+        assert up is True
+    assert (tmp_path / "control").exists()

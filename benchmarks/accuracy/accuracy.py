@@ -36,6 +36,7 @@ reaches the default 256); dev prompts are never cut.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -147,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="training runs at once, as separate processes (0: as many as GPU memory and CPU cores allow; 1 on CPU)",
     )
     p.add_argument("--resume", action="store_true", help="skip jobs whose results are already in --out")
+    p.add_argument(
+        "--mps",
+        action="store_true",
+        help="run a CUDA MPS daemon while the workers of --parallel train (started and stopped here unless one is up), "
+        "so that their kernels share the GPU instead of time-slicing",
+    )
     p.add_argument(
         "--extend-grid",
         type=int,
@@ -377,14 +384,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
     if args.resume and jobs:  # seeds still to run: extend the grids the finished seeds put at an edge beside them
         jobs += [job for job in next_round(args, planned, settings, deadline, partial=True) if job not in jobs]
     bench, records, skipped, attempted = None, [], [], set(jobs)
-    while True:  # the planned jobs, then the grid extensions they call for (resumed: the extensions only)
-        if jobs:
-            bench, new, left = run_round(jobs, args, parser, device, deadline, settings, limits, bench)
-            records, skipped = records + new, skipped + left
-        jobs = [job for job in next_round(args, planned, settings, deadline) if job not in attempted]
-        if not jobs:
-            break
-        attempted |= set(jobs)
+    with parallel.mps_daemon(log) if args.mps else contextlib.nullcontext():
+        while True:  # the planned jobs, then the grid extensions they call for
+            if jobs:
+                bench, new, left = run_round(jobs, args, parser, device, deadline, settings, limits, bench)
+                records, skipped = records + new, skipped + left
+            jobs = [job for job in next_round(args, planned, settings, deadline) if job not in attempted]
+            if not jobs:
+                break
+            attempted |= set(jobs)
     for job in skipped:
         log(f"not run, to run in another call: --methods {','.join(job.methods)} --seeds {job.seed} --lrs {job.lr:g} "
             f"--steps {job.steps} --recipes {job.recipe}")  # fmt: skip

@@ -10,14 +10,17 @@ beforehand to let their kernels run concurrently rather than time-sliced.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 GIB = 2**30
 GPU_GIB_PER_WORKER = 6.0  # SmolLM2 runs peak at ~4 GiB plus the CUDA context
@@ -55,6 +58,33 @@ def mps_running() -> bool:
     share the GPU; without it they time-slice."""
     pipes = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
     return os.path.exists(os.path.join(pipes, "control"))
+
+
+@contextlib.contextmanager
+def mps_daemon(log: Callable[[str], None]) -> Iterator[bool]:
+    """A CUDA MPS control daemon for the duration: started here unless one is up, and then stopped at the end. Yields
+    whether MPS is up; when it cannot start, says why and yields False (the workers then time-slice the GPU)."""
+    if mps_running():
+        yield True
+        return
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        log("CUDA MPS: nvidia-cuda-mps-control is not on PATH; the workers will time-slice the GPU")
+        yield False
+        return
+    started = subprocess.run([control, "-d"], capture_output=True, text=True, check=False)
+    wait_until = time.time() + 5.0
+    while not mps_running() and time.time() < wait_until:
+        time.sleep(0.1)
+    up = mps_running()
+    if not up:
+        why = started.stderr.strip() or f"exit code {started.returncode}"
+        log(f"CUDA MPS did not start ({why}); the workers will time-slice the GPU")
+    try:
+        yield up
+    finally:
+        if up:
+            subprocess.run([control], input="quit\n", capture_output=True, text=True, check=False)
 
 
 def write_plan(out: pathlib.Path, jobs: list[Job]) -> pathlib.Path:
