@@ -16,6 +16,7 @@ import peft_balanced
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy"))
 
 import accuracy  # noqa: E402
+import estimate  # noqa: E402
 import harness  # noqa: E402
 import parallel  # noqa: E402
 import report  # noqa: E402
@@ -323,3 +324,25 @@ def test_mps_already_running_is_used_and_left_running(tmp_path, monkeypatch):
     with parallel.mps_daemon(print) as up:
         assert up is True
     assert (tmp_path / "control").exists()
+
+
+def test_a_base_not_yet_measured_is_estimated_as_much_slower_as_the_measured_one_ran(tmp_path):
+    bench = _bench(tmp_path)
+    bench.rates = dict(estimate.DEFAULT_RATES["cpu"])
+    assumed_nf4 = estimate.step_seconds(bench.rates, "nf4", 100.0)
+    steps, tokens = 4, 400
+    per_step = 3 * estimate.step_seconds(bench.rates, "dense", tokens / steps)  # three times slower than assumed
+    record = {
+        "base": "dense",
+        "train_seconds": per_step * steps,
+        "init_seconds": 0.0,
+        "train_loss": [1.0] * steps,
+        "padded_tokens": tokens,
+        "eval_seconds": 0.0,
+        "eval_curve": [],
+        "finish": "none",
+        "setup_seconds": 0.0,
+    }
+    estimate.calibrate(bench, record)
+    assert estimate.step_seconds(bench.rates, "dense", 100.0) == pytest.approx(per_step)  # measured
+    assert estimate.step_seconds(bench.rates, "nf4", 100.0) == pytest.approx(3 * assumed_nf4)

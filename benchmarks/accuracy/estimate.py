@@ -36,6 +36,13 @@ def eval_tokens(bench: Bench) -> tuple[int, int]:
     return bench.meta["eval_tokens"]
 
 
+def step_seconds(rates: dict, base: str, tokens_per_step: float) -> float:
+    """Seconds of one training step on ``base``: measured, or assumed (times the ``slowdown`` measured on another
+    base)."""
+    assumed = (rates["step"] + tokens_per_step / rates[base]) * rates.get("slowdown", 1.0)
+    return rates.get(f"measured_{base}", assumed)
+
+
 def estimate_seconds(group: list[Method], bench: Bench, seed: int) -> float:
     """Seconds one training run of ``group`` should take: setup, training (GradApprox: plus two sketch passes over
     its estimation batches) and one dev evaluation per curve point and per merge. Measured speeds replace the
@@ -51,19 +58,23 @@ def estimate_seconds(group: list[Method], bench: Bench, seed: int) -> float:
     if method.adapter != "none":
         schedule = harness.batch_schedule(len(bench.train_rows), s.steps, s.batch_size, seed)
         tokens_per_step = harness.padded_tokens(bench.train_rows, schedule) / s.steps
-        per_step = rates.get(f"measured_{method.base}", rates["step"] + tokens_per_step / rates[method.base])
+        per_step = step_seconds(rates, method.base, tokens_per_step)
         steps = s.steps + {"gradapprox": 2, "lora_ga": 1}.get(method.adapter, 0) * s.estimation_batches
         seconds += steps * per_step
     return seconds
 
 
 def calibrate(bench: Bench, record: dict) -> None:
-    """Keep the seconds per training step, per evaluation and for setup measured in ``record``."""
+    """Keep the seconds per training step, per evaluation and for setup measured in ``record``, and how much slower
+    than assumed its training ran (``slowdown``: GPU sharing slows every base alike, so the bases not measured yet are
+    estimated at their assumed speed times it)."""
+    rates = bench.rates
     train_only = record["train_seconds"] - record["init_seconds"]
-    if record["padded_tokens"] and train_only > 0:
-        bench.rates[f"measured_{record['base']}"] = train_only / len(record["train_loss"])
+    steps = len(record["train_loss"])
+    if record["padded_tokens"] and train_only > 0 and steps:
+        measured = train_only / steps
+        rates[f"measured_{record['base']}"] = measured
+        rates["slowdown"] = measured / (rates["step"] + record["padded_tokens"] / steps / rates[record["base"]])
     if record["eval_seconds"]:
-        bench.rates["measured_eval"] = record["eval_seconds"] / (
-            len(record["eval_curve"]) + (record["finish"] != "none")
-        )
-    bench.rates["measured_setup"] = record["setup_seconds"]
+        rates["measured_eval"] = record["eval_seconds"] / (len(record["eval_curve"]) + (record["finish"] != "none"))
+    rates["measured_setup"] = record["setup_seconds"]
