@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "peft_balanced"
 
@@ -87,3 +89,33 @@ def test_benchmarks_are_grouped_by_purpose_and_no_source_file_is_over_500_lines(
     sources = [*scripts, *PACKAGE.rglob("*.py"), *(ROOT / "tests").rglob("*.py")]
     long = [f"{p.relative_to(ROOT)}: {n}" for p in sources if (n := len(p.read_text().splitlines())) > 500]
     assert long == []
+
+
+def _tutorial_cells(path: Path) -> list[dict]:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))["cells"]
+
+
+TUTORIALS = sorted((ROOT / "tutorials").glob("*.ipynb"))
+
+
+def test_the_five_tutorials_are_there():
+    assert [p.name[:2] for p in TUTORIALS] == ["01", "02", "03", "04", "05"]
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
+def test_every_tutorial_asserts_plots_cites_and_keeps_one_gpu_cell_out_of_the_tests(path):
+    cells = _tutorial_cells(path)
+    run = [
+        "".join(c["source"])
+        for c in cells
+        if c["cell_type"] == "code" and "nbval-skip" not in c["metadata"].get("tags", [])
+    ]
+    skipped = [c for c in cells if "nbval-skip" in c["metadata"].get("tags", [])]
+    prose = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert any(re.search(r"^\s*assert ", source, flags=re.M) for source in run)
+    assert any("plt." in source for source in run)
+    assert "matplotlib.use(" not in "".join(run)  # a non-interactive backend would hide the plots in Jupyter
+    assert len(skipped) == 1 and "cuda" in "".join(skipped[0]["source"])
+    assert re.search(r"et al\.,? [^)]*\d{4}", prose)  # the idea's paper
