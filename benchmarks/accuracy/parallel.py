@@ -4,8 +4,8 @@ A job is one training run: a group of methods that share it, a seed, a learning 
 With ``--parallel N`` the parent writes the plan to ``OUT/plans/<time>.json`` and starts N worker processes of the
 same command; each loads the model once, then claims jobs one at a time (an ``O_EXCL`` claim file per job, so no
 job runs twice) and appends its records to ``OUT/results.jsonl`` under a file lock. Small models leave the GPU
-idle while Python launches kernels, so separate processes (each with its own interpreter) fill it; set CUDA MPS up
-beforehand to let their kernels run concurrently rather than time-sliced.
+idle while Python launches kernels, so separate processes (each with its own interpreter) fill it; with CUDA MPS up
+(``--mps`` starts it for the call) their kernels run concurrently rather than time-sliced.
 """
 
 from __future__ import annotations
