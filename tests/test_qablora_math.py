@@ -115,6 +115,25 @@ def test_scaling_is_lora_alpha():
         torch.testing.assert_close(three(x) - base, 3 * (one(x) - base), rtol=1e-5, atol=1e-6)
 
 
+def test_under_adamw_a_factor_on_the_scaling_is_the_same_as_that_factor_on_the_lr():
+    # s·H is what the model sees, and AdamW's step does not depend on the gradient's scale: with H starting at zero,
+    # training at (s, c·lr) and at (c·s, lr) moves s·H identically (up to Adam's eps). So a rule that multiplies s
+    # transfers an lr exactly, for QA-BLoRA's one matrix.
+    x, target = torch.randn(64, 32, generator=torch.Generator().manual_seed(2)), torch.randn(64, 16)
+
+    def trained_update(alpha: float, lr: float) -> torch.Tensor:
+        model = one_layer(lora_alpha=alpha, init_weights=True)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        for _ in range(5):
+            torch.nn.functional.mse_loss(model(x), target).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return layer_of(model).get_delta_weight("default")
+
+    torch.testing.assert_close(trained_update(3.0, 1e-2), trained_update(1.0, 3e-2), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(trained_update(3.0, 1e-2), trained_update(1.0, 1e-2))
+
+
 def test_dropout_acts_only_in_training():
     adapted = one_layer(lora_dropout=0.5)
     x = torch.randn(8, 32)
