@@ -13,6 +13,7 @@ from tiny import tiny_llama, tiny_tokenizer
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "studies"))
 
 import gradapprox_vs_loraga as study  # noqa: E402
+from gradapprox_init import text_batches  # noqa: E402
 
 R, ALPHA = 4, 8.0
 
@@ -20,12 +21,11 @@ R, ALPHA = 4, 8.0
 @pytest.fixture(scope="module")
 def compared() -> list[dict]:
     model = tiny_llama(num_key_value_heads=4)
-    batches = study.text_batches(tiny_tokenizer(), n_batches=2, batch_size=4)
-    weights = {name.removesuffix(".weight"): p.detach().clone() for name, p in model.named_parameters()}
+    batches = text_batches(tiny_tokenizer(), n_batches=2, batch_size=4)
     ours = study.gradapprox_init_factors(model, batches, R, ALPHA, layers=[0, 1])
     peft = study.lora_ga_init_factors(model, batches, R, ALPHA, layers=[0, 1])
     assert set(ours) == set(peft)
-    return study.compare(ours, peft, weights, ALPHA / R)
+    return study.compare(ours, peft, model, ALPHA / R)
 
 
 def test_both_take_the_same_singular_directions(compared):

@@ -433,7 +433,8 @@ def next_round(args, planned: list[Job], settings: Settings, deadline, partial: 
     records = load_records(args.out, missing_ok=True)
     jobs = extension_jobs(records, planned, vars(settings), args.extend_grid, partial=partial)
     for job in jobs:
-        log(f"grid edge: {job.label} (the choice was at an edge of the lrs tried{' by the seeds so far' * partial})")
+        seeds = " by the seeds so far" if partial else ""
+        log(f"grid edge: {job.label} (the choice was at an edge of the lrs tried{seeds})")
     return jobs
 
 

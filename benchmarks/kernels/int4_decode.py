@@ -1,4 +1,4 @@
-"""End-to-end greedy decode (batch 1, or --batch B) of a Llama-2-7B-shaped model: bf16 vs tile-INT4 vs bitsandbytes NF4.
+"""End-to-end greedy decode of a Llama-2-7B-shaped model (batch 1 or ``--batch B``): bf16, tile-INT4, bnb NF4.
 
     PYTHONUNBUFFERED=1 python benchmarks/kernels/int4_decode.py [--layers 32] [--new-tokens 128] [--graph cuda]
         [--compile] [--generate] [--batch 16]
@@ -157,8 +157,8 @@ def tokens_agreeing_with_generate(model: LlamaForCausalLM, prompt: torch.Tensor,
 
 @torch.inference_mode()
 def generate_tok_s(model: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    """New tokens per second (all sequences) of ``model.generate(cache_implementation="static")`` (prefill included), median of
-    ``repeats`` calls after a warm-up call (which compiles the decode step on a GPU)."""
+    """New tokens per second (all sequences) of ``model.generate(cache_implementation="static")`` (prefill included),
+    median of ``repeats`` calls after a warm-up call (which compiles the decode step on a GPU)."""
     kwargs = greedy(new_tokens, cache_implementation="static")
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     model.generate(prompt, **kwargs)
@@ -213,15 +213,15 @@ def main() -> int:
     if graph and not cuda:
         print("--graph cuda needs a CUDA GPU")
         return 2
+    if args.batch < 1:
+        print(f"--batch must be at least 1, got {args.batch}")
+        return 2
     config = LlamaConfig(**(TINY if args.tiny else LLAMA2_7B))
     if args.layers is not None:
         config.num_hidden_layers = args.layers
     names = (args.variants or "bf16,int4,nf4").split(",")
     dtype = torch.bfloat16
     model = build_model(config, device, dtype)
-    if args.batch < 1:
-        print(f"--batch must be at least 1, got {args.batch}")
-        return 2
     variants = make_variants(model, names, device, args.batch)
     shape = (args.batch, args.prompt)
     prompt = torch.randint(0, config.vocab_size, shape, generator=torch.Generator().manual_seed(1))
@@ -268,7 +268,8 @@ def main() -> int:
         print(json.dumps(row), flush=True)
     base = next((r["tok_s"] for r in rows if r["model"] == "bf16"), None)
     print(
-        f"\nbatch-{args.batch} greedy decode (tok/s: new tokens of all sequences), prompt {args.prompt}, {args.new_tokens} new tokens, static cache, "
+        f"\nbatch-{args.batch} greedy decode (tok/s: new tokens of all sequences), prompt {args.prompt}, "
+        f"{args.new_tokens} new tokens, static cache, "
         f"{'CUDA graph' if graph else 'eager'}{', compiled' if args.compile else ''}, median of {args.repeats}"
     )
     gen_base = next((r["generate_tok_s"] for r in rows if r["model"] == "bf16"), None)

@@ -73,16 +73,26 @@ def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.arccos(torch.linalg.svdvals(qa.T @ qb).clamp(max=1)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def add_study_arguments(parser: argparse.ArgumentParser, r: int) -> None:
+    """``--layers``, ``--batches``, ``--batch-size`` and ``--r`` (default ``r``): the gradient studies' set-up."""
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--r", type=int, default=8)
-    args = parser.parse_args()
+    parser.add_argument("--r", type=int, default=r)
+
+
+def load_study(args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
+    """SmolLM2 (the package's default offline model) and ``args.batches`` text batches, seeded."""
     torch.manual_seed(0)
     model, tokenizer = load_default_model()
-    batches = text_batches(tokenizer, args.batches, args.batch_size)
+    return model, text_batches(tokenizer, args.batches, args.batch_size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    add_study_arguments(parser, r=8)
+    args = parser.parse_args()
+    model, batches = load_study(args)
     grads = exact_gradients(model, batches, args.layers)
     r = args.r
     rows = []

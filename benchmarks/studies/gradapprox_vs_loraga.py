@@ -17,12 +17,12 @@ import copy
 import statistics
 
 import torch
-from gradapprox_init import principal_angles, text_batches
+from gradapprox_init import add_study_arguments, load_study, principal_angles
 from peft import LoraConfig, LoraGAConfig, get_peft_model, preprocess_loraga
 from torch import nn
 
 from peft_balanced import GradApproxConfig, init_gradapprox
-from peft_balanced.demo.models import LLAMA_PROJECTIONS, load_default_model
+from peft_balanced.demo.models import LLAMA_PROJECTIONS
 from peft_balanced.tuners.gradapprox import GradApproxLinear
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A (r, D_in), B (D_out, r)), float64
@@ -73,13 +73,14 @@ def lora_ga_init_factors(model: nn.Module, batches: list[dict], r: int, alpha: f
     return factors
 
 
-def compare(ours: Factors, peft: Factors, weights: dict[str, torch.Tensor], scaling: float) -> list[dict]:
-    """Per module: norms of each method's factors, ``‖s·B A‖_F / ‖W‖_F``, and the median principal angles (degrees)
-    between the two ``A`` row spaces and the two ``B`` column spaces."""
+def compare(ours: Factors, peft: Factors, model: nn.Module, scaling: float) -> list[dict]:
+    """Per module: norms of each method's factors, ``‖s·B A‖_F / ‖W‖_F`` (``W`` of ``model``, which both initialized
+    copies of), and the median principal angles (degrees) between the two ``A`` row spaces and the two ``B`` column
+    spaces."""
     rows = []
     for name in sorted(ours):
         (a1, b1), (a2, b2) = ours[name], peft[name]
-        w = weights[name].double().norm()
+        w = model.get_submodule(name).weight.double().norm()
         rows.append({
             "module": name,
             "A_norm": (float(a1.norm()), float(a2.norm())),
@@ -115,19 +116,13 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--r", type=int, default=16)
+    add_study_arguments(parser, r=16)
     parser.add_argument("--alpha", type=float, default=32.0)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model, tokenizer = load_default_model()
-    batches = text_batches(tokenizer, args.batches, args.batch_size)
-    weights = {name.removesuffix(".weight"): p.detach().clone() for name, p in model.named_parameters()}
+    model, batches = load_study(args)
     ours = gradapprox_init_factors(model, batches, args.r, args.alpha, args.layers)
     peft = lora_ga_init_factors(model, batches, args.r, args.alpha, args.layers)
-    rows = compare(ours, peft, weights, args.alpha / args.r)
+    rows = compare(ours, peft, model, args.alpha / args.r)
     print(f"\nSmolLM2-135M-Instruct, layers {args.layers}, r={args.r}, alpha={args.alpha}, "
           f"{args.batches} batches x {args.batch_size}; medians over the layers")  # fmt: skip
     print(table(rows))
