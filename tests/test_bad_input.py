@@ -73,6 +73,8 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
      ["BLoRAConfig.init_weights", "gaussian", "True or False"]),
     ("blora-flag-string", lambda: BLoRAConfig(skip_indivisible="yes"), ValueError,
      ["BLoRAConfig.skip_indivisible", "yes", "True or False"]),
+    ("blora-lora-lr-string", lambda: BLoRAConfig(use_lora_lr="yes"), ValueError,
+     ["BLoRAConfig.use_lora_lr", "yes", "True or False"]),
     ("blora-target-int", lambda: BLoRAConfig(target_modules=3), ValueError,
      ["BLoRAConfig.target_modules", "3", "list of module names"]),
     ("blora-negative-layer", lambda: BLoRAConfig(target_modules=["q_proj"], layers_to_transform=[-1]), ValueError,

@@ -40,14 +40,12 @@ def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randn(5, 7, 48, dtype=torch.float64, generator=gen))  # fmt: skip
 
 
-def _blora_grads(lam: int, r: int = 2, alpha: float = 6.0, seed: int = 0):
+def _blora_grads(lam: int, r: int = 2, alpha: float = 6.0, seed: int = 0, use_lora_lr: bool = False):
     torch.manual_seed(seed)
-    model = get_peft_model(
-        OneLinear(32, 48),
-        peft_balanced.BLoRAConfig(
-            r=r, balance_factor=lam, lora_alpha=alpha, target_modules=["proj"], init_weights=False
-        ),  # fmt: skip
+    config = peft_balanced.BLoRAConfig(
+        r=r, balance_factor=lam, lora_alpha=alpha, target_modules=["proj"], init_weights=False, use_lora_lr=use_lora_lr
     )
+    model = get_peft_model(OneLinear(32, 48), config)
     layer = model.base_model.model.proj
     layer.base_layer.weight.requires_grad_(True)
     x, target = _inputs(seed)
@@ -68,6 +66,13 @@ def test_blora_b_gradient_is_the_tile_summed_weight_gradient_times_a_transposed_
 def test_blora_a_gradient_is_b_transposed_times_the_tile_summed_weight_gradient_over_lambda(lam):
     g, a, b, s = _blora_grads(lam)
     torch.testing.assert_close(a.grad, (s / lam) * b.detach().T @ tile_sum(g, lam), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("lam", [1, 2, 4])
+def test_use_lora_lr_scales_by_lambda_so_the_gradients_take_loras_form_on_the_tile_summed_gradient(lam):
+    g, a, b, s = _blora_grads(lam, use_lora_lr=True)  # s = α/r, without the 1/λ of the average pool
+    torch.testing.assert_close(b.grad, s * tile_sum(g, lam) @ a.detach().T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a.grad, s * b.detach().T @ tile_sum(g, lam), rtol=1e-10, atol=1e-12)
 
 
 def test_blora_with_balance_one_has_lora_gradients_for_the_same_weights():

@@ -149,3 +149,11 @@ def test_truncated_weights_file_is_reported(tmp_path, saved_adapter):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         PeftModel.from_pretrained(tiny_llama(), truncated)
+
+
+def test_use_lora_lr_scaling_survives_save_and_load(tmp_path):
+    config = BLoRAConfig(r=4, balance_factor=2, lora_alpha=8, target_modules=LLAMA_TARGETS, use_lora_lr=True)
+    get_peft_model(tiny_llama(), config).save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    scalings = {m.scaling["default"] for m in loaded.modules() if hasattr(m, "bal_A")}
+    assert scalings == {2 * 8 / 4}

@@ -72,6 +72,7 @@ def test_generic_peft_config_from_dict_rebuilds_tile_as_a_tuple():
         ({"lora_alpha": "1"}, "lora_alpha must be a number"),
         ({"lora_dropout": 1.0}, "lora_dropout must be in"),
         ({"bias": "qab_only"}, "bias must be 'none' or 'all'"),
+        ({"use_lora_lr": "yes"}, "use_lora_lr must be True or False"),
     ],
 )
 def test_invalid_config_values_are_rejected_with_the_field_name(kwargs, message):
@@ -113,6 +114,15 @@ def test_scaling_is_lora_alpha():
     with torch.no_grad():
         base = layer_of(one).get_base_layer()(x)
         torch.testing.assert_close(three(x) - base, 3 * (one(x) - base), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tile", [(4, 8), (8, 4)])
+def test_use_lora_lr_multiplies_the_scaling_by_the_input_pooling_factor(tile):
+    plain, scaled = one_layer(tile=tile, lora_alpha=2.0), one_layer(tile=tile, lora_alpha=2.0, use_lora_lr=True)
+    assert layer_of(scaled).scaling["default"] == 2.0 * tile[0]
+    torch.testing.assert_close(
+        layer_of(scaled).get_delta_weight("default"), tile[0] * layer_of(plain).get_delta_weight("default")
+    )
 
 
 def test_under_adamw_a_factor_on_the_scaling_is_the_same_as_that_factor_on_the_lr():

@@ -54,6 +54,7 @@ class Method:
     finish: str = "none"
     depth: int = 0
     trains_as: str = ""
+    use_lora_lr: bool = False  # the configs' use_lora_lr: s times the input pooling factor (λ; QA-BLoRA: λ1)
 
     @property
     def training_key(self) -> str:
@@ -71,6 +72,30 @@ METHODS: dict[str, Method] = {
         *(
             Method(
                 f"qablora{a}x{b}", "int4", "qablora", f"QA-BLoRA {a}x{b} merged into INT4", (1), (a, b), "merge_int4"
+            )
+            for a, b in ((4, 8), (8, 8))
+        ),
+        *(
+            Method(
+                f"qblora{b}_loralr",
+                "nf4",
+                "blora",
+                f"Q-BLoRA, balance {b}, s × {b} (use_lora_lr)",
+                balance=b,
+                use_lora_lr=True,
+            )
+            for b in (2, 4, 8)
+        ),
+        *(
+            Method(
+                f"qablora{a}x{b}_loralr",
+                "int4",
+                "qablora",
+                f"QA-BLoRA {a}x{b} merged into INT4, s × {a} (use_lora_lr)",
+                (1),
+                (a, b),
+                "merge_int4",
+                use_lora_lr=True,
             )
             for a, b in ((4, 8), (8, 8))
         ),
@@ -214,10 +239,16 @@ def adapter_config(method: Method, settings: Settings):
         )
     if method.adapter == "blora":
         return peft_balanced.BLoRAConfig(
-            r=settings.r, balance_factor=method.balance, lora_alpha=settings.lora_alpha, **common
+            r=settings.r,
+            balance_factor=method.balance,
+            lora_alpha=settings.lora_alpha,
+            use_lora_lr=method.use_lora_lr,
+            **common,
         )
     if method.adapter == "qablora":
-        return peft_balanced.QABLoRAConfig(tile=method.tile, lora_alpha=settings.qablora_alpha, **common)
+        return peft_balanced.QABLoRAConfig(
+            tile=method.tile, lora_alpha=settings.qablora_alpha, use_lora_lr=method.use_lora_lr, **common
+        )
     if method.adapter == "gradapprox":
         return peft_balanced.GradApproxConfig(
             r=settings.r,
@@ -469,6 +500,7 @@ def run_group(methods: Sequence[Method], seed: int, bench: Bench, log: Callable[
             "method": method.name, "about": method.about, "seed": seed, "lr": s.lr, "steps": s.steps,
             "recipe": s.recipe, "base": method.base,
             "adapter": method.adapter, "balance": method.balance if method.adapter == "blora" else None,
+            "use_lora_lr": method.use_lora_lr,
             "tile": list(method.tile) if method.adapter == "qablora" else None, "finish": method.finish,
             "trainable_params": trainable, "adapter_dtype": adapter_dtype,
             "tasks": list(bench.dev), "dev_n": {t: len(r) for t, r in bench.dev.items()},

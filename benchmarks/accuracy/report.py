@@ -27,6 +27,7 @@ from grid import choose_lr, edge_of, load_records, select_score
 
 METHOD_ORDER = (  # benchmarks/accuracy/harness.py METHODS; other names follow in the order first seen
     "base", "lora", "blora2", "qlora", "qblora1", "qblora2", "qblora4", "qblora8", "qablora4x8", "qablora8x8",
+    "qblora2_loralr", "qblora4_loralr", "qblora8_loralr", "qablora4x8_loralr", "qablora8x8_loralr",
     "lora_ptq_int4", "qlora_ptq_int4", "qlora_ptq_nf4", "qlora_requant",
     "lora_ga", "gradapprox", "gradapprox_d1", "gradapprox_d3", "gradapprox_d5",
 )  # fmt: skip

@@ -34,6 +34,9 @@ class BLoRAConfig(AdapterConfig):
             (for tests).
         skip_indivisible: Leave layers whose dimensions are not multiples of ``balance_factor`` un-adapted
             instead of raising an error.
+        use_lora_lr: Multiply ``s`` by λ, which undoes the average pool's ``1/λ`` (``∂L/∂B = (α/r)·T_λ(G)·Aᵀ``, LoRA's
+            form on the tile-summed gradient), so that a learning rate tuned for LoRA also suits BLoRA. ``False``
+            keeps the paper's ``s = lora_alpha / r``. How well the rule transfers is measured in docs/accuracy.md.
     """
 
     PEFT_TYPE_NAME: ClassVar[str] = "BLORA"
@@ -47,12 +50,24 @@ class BLoRAConfig(AdapterConfig):
         default=False,
         metadata={"help": "Skip target layers whose dims are not multiples of balance_factor instead of raising."},
     )
+    use_lora_lr: bool = field(
+        default=False,
+        metadata={
+            "help": "s = λ·lora_alpha/r instead of lora_alpha/r, so that LoRA's tuned learning rate suits BLoRA."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int("BLoRAConfig.r", self.r)
         check_positive_int("BLoRAConfig.balance_factor", self.balance_factor)
         check_flag("BLoRAConfig.skip_indivisible", self.skip_indivisible)
+        check_flag("BLoRAConfig.use_lora_lr", self.use_lora_lr)
+
+    @property
+    def scaling(self) -> float:
+        """``s``: ``lora_alpha / r``, times λ with ``use_lora_lr``."""
+        return self.lora_alpha / self.r * (self.balance_factor if self.use_lora_lr else 1)
 
     def expected_rank_dims(self) -> dict[str, tuple[int, int]]:
         inner = self.balance_factor * self.r

@@ -42,7 +42,7 @@ class BLoRALayer(DeltaWeightMerge, BalancedAdapterLayer):
         self.r[adapter_name] = r
         self.balance_factor[adapter_name] = lam
         self.lora_alpha[adapter_name] = config.lora_alpha
-        self.scaling[adapter_name] = config.lora_alpha / r
+        self.scaling[adapter_name] = config.scaling
         self.bal_dropout[adapter_name] = dropout_module(config.lora_dropout)
         self.bal_A[adapter_name] = nn.Linear(self.in_features // lam, lam * r, bias=False)
         self.bal_B[adapter_name] = nn.Linear(lam * r, self.out_features // lam, bias=False)

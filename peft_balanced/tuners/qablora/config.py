@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...validation import check_tile
+from ...validation import check_flag, check_tile
 from ..base_config import AdapterConfig
 
 # lora_alpha values at or above this look carried over from a LoRA config (alpha = r or 2r: 8, 16, 32, ...).
@@ -42,6 +42,9 @@ class QABLoRAConfig(AdapterConfig):
         modules_to_save: Extra modules trained fully and stored in the checkpoint.
         trainable_token_indices: Token indices whose embeddings are trained (peft's TrainableTokens).
         init_weights: ``True``: ``H = 0`` (model unchanged at initialization); ``False``: random ``H`` (for tests).
+        use_lora_lr: Multiply ``s`` by λ1, which undoes the average pool's ``1/λ1`` (``ΔW = s·H`` per weight), so
+            that a learning rate tuned for LoRA also suits QA-BLoRA. Under Adam this is the same as training at λ1
+            times the learning rate. ``False`` keeps ``s = lora_alpha``. Measured in docs/accuracy.md.
     """
 
     PEFT_TYPE_NAME: ClassVar[str] = "QABLORA"
@@ -57,6 +60,12 @@ class QABLoRAConfig(AdapterConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "True: H = 0 (no change at init). False: random H (for tests)."}
     )
+    use_lora_lr: bool = field(
+        default=False,
+        metadata={
+            "help": "s = λ1·lora_alpha instead of lora_alpha, so that LoRA's tuned learning rate suits QA-BLoRA."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +73,7 @@ class QABLoRAConfig(AdapterConfig):
             self.tile = check_tile(self.tile)
         except ValueError as err:
             raise ValueError(f"QABLoRAConfig.{err}") from None
+        check_flag("QABLoRAConfig.use_lora_lr", self.use_lora_lr)
         if self.lora_alpha >= LORA_LIKE_ALPHA:
             warnings.warn(
                 f"QABLoRAConfig.lora_alpha={self.lora_alpha!r} is the scale s of the update itself (ΔW = s·H/λ1), "
@@ -72,3 +82,8 @@ class QABLoRAConfig(AdapterConfig):
                 UserWarning,
                 stacklevel=3,
             )
+
+    @property
+    def scaling(self) -> float:
+        """``s``: ``lora_alpha``, times λ1 with ``use_lora_lr``."""
+        return float(self.lora_alpha) * (self.tile[0] if self.use_lora_lr else 1)

@@ -70,7 +70,7 @@ class QABLoRALayer(BalancedAdapterLayer):
         check_qablora_base(self.get_base_layer(), config.tile, self.module_name)  # its shape then fits the tile
         l1, l2 = config.tile
         self.lora_alpha[adapter_name] = config.lora_alpha
-        self.scaling[adapter_name] = float(config.lora_alpha)
+        self.scaling[adapter_name] = config.scaling
         self.tile[adapter_name] = (l1, l2)
         self.qab_dropout[adapter_name] = dropout_module(config.lora_dropout)
         self.qab_H[adapter_name] = nn.Parameter(torch.zeros(self.out_features // l2, self.in_features // l1))
