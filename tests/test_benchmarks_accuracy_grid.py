@@ -150,3 +150,20 @@ def test_the_lr_transfer_table_gives_each_choice_as_a_multiple_of_loras_and_boun
               "qablora4x8": (1e-2, "select split", "top"), "base": (0.0, "only lr", None)}  # fmt: skip
     rows = report.lr_transfer_table(chosen).splitlines()[2:]
     assert rows == ["| qblora2 | 0.003 | 3 |", "| qablora4x8 | 0.01 | 10 or more |"]
+
+
+def test_the_rule_table_sets_each_use_lora_lr_method_against_its_own_optimum_paired_by_seed_and_example():
+    def run(seed: int, correct: list[int]) -> dict:
+        return {"mean_accuracy": sum(correct) / len(correct), "correct": {"task": correct}}
+
+    methods = {"qblora2": {0: run(0, [1, 1, 0, 0]), 1: run(1, [1, 0, 0, 0])},
+               "qblora2_loralr": {0: run(0, [1, 1, 1, 0]), 1: run(1, [1, 1, 0, 0])}}  # fmt: skip
+    chosen = {"qblora2": (3e-3, "select split", "top"), "qblora2_loralr": (1e-3, "only lr", None)}
+    rows = report.lr_rule_table(methods, chosen).splitlines()[2:]  # SE: sqrt(pvariance([0,0,1,0,0,1,0,0]) / 8)
+    assert rows == [
+        "| qblora2 | 0.003 (top of grid) | 37.5 ± 17.7 | 0.001 | 62.5 ± 17.7 | +25.0 ± 15.3 | +25.0, +25.0 |"
+    ]
+
+
+def test_the_rule_table_is_empty_without_use_lora_lr_runs():
+    assert report.lr_rule_table({"qblora2": {}}, {"qblora2": (3e-3, "select split", None)}) == ""

@@ -136,6 +136,30 @@ def lr_transfer_table(chosen: dict, reference: str = "lora") -> str:
     return "\n".join(lines)
 
 
+RULE_SUFFIX = "_loralr"  # harness.py: the method with its config's use_lora_lr
+
+
+def lr_rule_table(methods: dict[str, dict[int, dict]], chosen: dict) -> str:
+    """Each ``*_loralr`` method (``use_lora_lr``, trained at LoRA's lr) against the same method with the paper's
+    scaling at its own chosen lr: does the rule make LoRA's tuned lr right? Paired Δ, rule minus own optimum."""
+    lines = ["| method | own optimum: lr | accuracy | use_lora_lr: lr | accuracy | Δ | Δ per seed |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in methods:
+        plain = name.removesuffix(RULE_SUFFIX)
+        if plain == name or plain not in methods:
+            continue
+        runs, own = methods[name], methods[plain]
+        delta = paired_delta(runs, own)
+        edge = edge_note(chosen[plain][2])
+        lines.append(
+            f"| {plain} | {chosen[plain][0]:g}{f' ({edge})' if edge else ''} | "
+            f"{points([r['mean_accuracy'] for r in own.values()])} | {chosen[name][0]:g} | "
+            f"{points([r['mean_accuracy'] for r in runs.values()])} | "
+            f"{'' if delta is None else f'{delta[0]:+.1f} ± {delta[1]:.1f}'} | {per_seed_deltas(runs, own)} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
@@ -347,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
             "the largest or smallest lr tried: the optimum may lie beyond it)."
         )
         speed = f"{speed_table(methods)}\n\nlr transfer:\n\n{lr_transfer_table(chosen)}"
+        rule = lr_rule_table(methods, chosen)
+        if rule:
+            speed += f"\n\nThe lr-transfer rule (use_lora_lr) against each method's own optimum:\n\n{rule}"
         print(f"\n{head}\n\n{grid_head}\n\n{grid}\n\n{speed}")
         table = accuracy_table(methods, args.reference, chosen)
         sections.append(f"{head}\n\n{table}\n\n{grid_head}\n\n{grid}\n\n{speed}\n")
