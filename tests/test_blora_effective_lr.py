@@ -1,4 +1,4 @@
-"""BLoRA's step size against LoRA's: the exact gradient identities behind docs/accuracy.md ("Why Q-BLoRA does not win").
+"""BLoRA's step size against LoRA's: the exact gradient identities behind docs/accuracy.md ("Why Q-BLoRA does not beat QLoRA here").
 
 For ``y = W x + s · expand_λ(B A pool_λ(x))`` and the full-weight gradient ``G = ∂L/∂W``:
 ``∂L/∂B = (s/λ) · T_λ(G) · Aᵀ`` and ``∂L/∂A = (s/λ) · Bᵀ · T_λ(G)``, where ``T_λ`` sums ``G`` over λ×λ tiles.
@@ -68,7 +68,7 @@ def test_blora_a_gradient_is_b_transposed_times_the_tile_summed_weight_gradient_
     torch.testing.assert_close(a.grad, (s / lam) * b.detach().T @ tile_sum(g, lam), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("lam", [1, 2, 4])
+@pytest.mark.parametrize("lam", [1, 2])
 def test_use_lora_lr_scales_by_lambda_so_the_gradients_take_loras_form_on_the_tile_summed_gradient(lam):
     g, a, b, s = _blora_grads(lam, use_lora_lr=True)  # s = α/r, without the 1/λ of the average pool
     torch.testing.assert_close(b.grad, s * tile_sum(g, lam) @ a.detach().T, rtol=1e-10, atol=1e-12)

@@ -25,7 +25,7 @@ from collections import defaultdict
 
 from grid import choose_lr, edge_of, load_records, select_score
 
-METHOD_ORDER = (  # benchmarks/accuracy/harness.py METHODS; other names follow in the order first seen
+METHOD_ORDER = (  # benchmarks/accuracy/methods.py METHODS; other names follow in the order first seen
     "base", "lora", "blora2", "qlora", "qblora1", "qblora2", "qblora4", "qblora8", "qablora4x8", "qablora8x8",
     "qblora2_loralr", "qblora4_loralr", "qblora8_loralr", "qablora4x8_loralr", "qablora8x8_loralr",
     "lora_ptq_int4", "qlora_ptq_int4", "qlora_ptq_nf4", "qlora_requant",
@@ -136,7 +136,7 @@ def lr_transfer_table(chosen: dict, reference: str = "lora") -> str:
     return "\n".join(lines)
 
 
-RULE_SUFFIX = "_loralr"  # harness.py: the method with its config's use_lora_lr
+RULE_SUFFIX = "_loralr"  # methods.py: the method with its config's use_lora_lr
 
 
 def lr_rule_table(methods: dict[str, dict[int, dict]], chosen: dict) -> str:

@@ -8,6 +8,9 @@ from typing import ClassVar
 from ...validation import check_flag, check_positive_int
 from ..base_config import AdapterConfig
 
+# The largest λ at which use_lora_lr was measured to transfer LoRA's learning rate (docs/accuracy.md).
+MAX_LORA_LR_BALANCE = 2
+
 
 @dataclass
 class BLoRAConfig(AdapterConfig):
@@ -35,8 +38,9 @@ class BLoRAConfig(AdapterConfig):
         skip_indivisible: Leave layers whose dimensions are not multiples of ``balance_factor`` un-adapted
             instead of raising an error.
         use_lora_lr: Multiply ``s`` by λ, which undoes the average pool's ``1/λ`` (``∂L/∂B = (α/r)·T_λ(G)·Aᵀ``, LoRA's
-            form on the tile-summed gradient), so that a learning rate tuned for LoRA also suits BLoRA. ``False``
-            keeps the paper's ``s = lora_alpha / r``. How well the rule transfers is measured in docs/accuracy.md.
+            form on the tile-summed gradient), so that a learning rate tuned for LoRA also suits BLoRA. Measured to
+            transfer at λ = 2 only (docs/accuracy.md); at λ = 4 and 8 it overshot, so larger λ are refused: train
+            those at about 3x LoRA's lr instead. ``False`` keeps the paper's ``s = lora_alpha / r``.
     """
 
     PEFT_TYPE_NAME: ClassVar[str] = "BLORA"
@@ -63,6 +67,13 @@ class BLoRAConfig(AdapterConfig):
         check_positive_int("BLoRAConfig.balance_factor", self.balance_factor)
         check_flag("BLoRAConfig.skip_indivisible", self.skip_indivisible)
         check_flag("BLoRAConfig.use_lora_lr", self.use_lora_lr)
+        if self.use_lora_lr and self.balance_factor > MAX_LORA_LR_BALANCE:
+            raise ValueError(
+                f"BLoRAConfig.use_lora_lr=True needs balance_factor <= {MAX_LORA_LR_BALANCE}, got "
+                f"balance_factor={self.balance_factor}: at λ = 4 and 8 the s·λ rule made LoRA's lr 4 to 9 points worse "
+                "than the paper's scaling at its own optimum (docs/accuracy.md). Use use_lora_lr=False and about 3x "
+                "LoRA's learning rate."
+            )
 
     @property
     def scaling(self) -> float:
