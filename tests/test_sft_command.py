@@ -176,6 +176,11 @@ WRONG_FLAGS = [
     (["--peft_method", "qablora", "--tile", "4"], "--tile must be two positive integers"),
     (["--peft_method", "blora", "--balance_factor", "0"], "--balance_factor must be a positive integer"),
     (["--peft_method", "blora", "--use_dora"], "--use_dora is a LoRA option"),
+    (["--peft_method", "gradapprox", "--use_lora_lr"], "--use_lora_lr cannot be used with --peft_method gradapprox"),
+    (
+        ["--peft_method", "blora", "--balance_factor", "4", "--use_lora_lr"],
+        "--use_lora_lr needs --balance_factor <= 2",
+    ),
     (["--merged_output_dir", "somewhere"], "--merged_output_dir needs --merge"),
 ]
 
@@ -366,3 +371,14 @@ def test_a_missing_gguf_file_is_named(data_dir, tmp_path, capsys):
         cli.main([*argv, "--output_dir", str(tmp_path / "out"), *TRAIN_FLAGS])
     assert exit_info.value.code == 2
     assert "nope.gguf: no such GGUF file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["blora", "qablora"])
+def test_use_lora_lr_reaches_the_adapter_config(method):
+    from trl import ModelConfig
+
+    from peft_balanced.cli.sft import SFTPlan, build_peft_config
+
+    plan = SFTPlan(target_modules="all-linear", tile=(4, 8), merged_dir=None, given=set())
+    config = build_peft_config(BalancedArguments(peft_method=method, use_lora_lr=True), ModelConfig(), plan)
+    assert config.use_lora_lr is True

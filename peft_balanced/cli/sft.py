@@ -79,6 +79,14 @@ class BalancedArguments:
             "tile-INT4 checkpoint). λ1 must divide every projection's D_in, λ2 its D_out."
         },
     )
+    use_lora_lr: bool = field(
+        default=False,
+        metadata={
+            "help": "blora / qablora: multiply the scaling by the input pooling factor (λ; QA-BLoRA λ1) so that the "
+            "learning rate you would give LoRA fits (docs/accuracy.md: measured for QA-BLoRA and BLoRA λ=2; refused "
+            "for λ > 2). Without it, balanced adapters want about 3x LoRA's learning rate."
+        },
+    )
     approximator_depth: int | None = field(
         default=None,
         metadata={
@@ -279,10 +287,10 @@ def build_peft_config(balanced: BalancedArguments, model_args: ModelConfig, plan
     if balanced.peft_method == "qablora":
         if "lora_alpha" in plan.given:  # QA-BLoRA's s is lora_alpha itself: TRL's default 32 would be far too big
             common["lora_alpha"] = model_args.lora_alpha
-        return QABLoRAConfig(tile=plan.tile, **common)
+        return QABLoRAConfig(tile=plan.tile, use_lora_lr=balanced.use_lora_lr, **common)
     common |= {"r": model_args.lora_r, "lora_alpha": model_args.lora_alpha}
     if balanced.peft_method == "blora":
-        return BLoRAConfig(balance_factor=balanced.balance_factor or 2, **common)
+        return BLoRAConfig(balance_factor=balanced.balance_factor or 2, use_lora_lr=balanced.use_lora_lr, **common)
     return GradApproxConfig(approximator_depth=balanced.approximator_depth or 0, **common)
 
 

@@ -77,6 +77,8 @@ def check_flags(balanced: Any, model_args: Any, script_args: Any, given: set[str
         given.add("gradapprox_init_batches")
     if balanced.merged_dtype != "auto":
         given.add("merged_dtype")
+    if balanced.use_lora_lr:
+        given.add("use_lora_lr")
     if model_args.load_in_8bit:
         given.add("load_in_8bit")
     if model_args.use_bnb_nested_quant:
@@ -100,7 +102,7 @@ def check_flags(balanced: Any, model_args: Any, script_args: Any, given: set[str
             "its --merge keeps the model 4-bit (the adapter goes into the zero points)",
         )
     if method == "gradapprox":
-        _reject(given, method, ["balance_factor", "tile"], "GradApprox is a plain low-rank adapter")
+        _reject(given, method, ["balance_factor", "tile", "use_lora_lr"], "GradApprox is a plain low-rank adapter")
     else:
         _reject(given, method, ["approximator_depth", "gradapprox_init_batches"], "these are GradApprox options")
     for flag in ("use_dora", "use_rslora"):
@@ -110,6 +112,14 @@ def check_flags(balanced: Any, model_args: Any, script_args: Any, given: set[str
         raise SFTArgumentError("--lora_target_parameters is a LoRA option; use --lora_target_modules")
     if balanced.balance_factor is not None and balanced.balance_factor < 1:
         raise SFTArgumentError(f"--balance_factor must be a positive integer; got {balanced.balance_factor}")
+    if method == "blora" and balanced.use_lora_lr:
+        from ..tuners.blora.config import MAX_LORA_LR_BALANCE
+
+        if (balanced.balance_factor or 2) > MAX_LORA_LR_BALANCE:
+            raise SFTArgumentError(
+                f"--use_lora_lr needs --balance_factor <= {MAX_LORA_LR_BALANCE}; got {balanced.balance_factor}: at "
+                "larger λ it was measured to overshoot (docs/accuracy.md). Drop --use_lora_lr; use ~3x LoRA's lr."
+            )
     if balanced.tile is not None:
         parse_tile(balanced.tile)
     depth = balanced.approximator_depth
