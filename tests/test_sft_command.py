@@ -179,7 +179,7 @@ WRONG_FLAGS = [
     (["--peft_method", "gradapprox", "--use_lora_lr"], "--use_lora_lr cannot be used with --peft_method gradapprox"),
     (
         ["--peft_method", "blora", "--balance_factor", "4", "--use_lora_lr"],
-        "--use_lora_lr needs --balance_factor <= 2",
+        "--use_lora_lr needs balance_factor <= 2, got 4",
     ),
     (["--merged_output_dir", "somewhere"], "--merged_output_dir needs --merge"),
 ]

@@ -113,13 +113,10 @@ def check_flags(balanced: Any, model_args: Any, script_args: Any, given: set[str
     if balanced.balance_factor is not None and balanced.balance_factor < 1:
         raise SFTArgumentError(f"--balance_factor must be a positive integer; got {balanced.balance_factor}")
     if method == "blora" and balanced.use_lora_lr:
-        from ..tuners.blora.config import MAX_LORA_LR_BALANCE
+        from ..tuners.blora.config import lora_lr_refusal
 
-        if (balanced.balance_factor or 2) > MAX_LORA_LR_BALANCE:
-            raise SFTArgumentError(
-                f"--use_lora_lr needs --balance_factor <= {MAX_LORA_LR_BALANCE}; got {balanced.balance_factor}: at "
-                "larger λ it was measured to overshoot (docs/accuracy.md). Drop --use_lora_lr; use ~3x LoRA's lr."
-            )
+        if refusal := lora_lr_refusal(balanced.balance_factor or 2):
+            raise SFTArgumentError(f"--{refusal}")
     if balanced.tile is not None:
         parse_tile(balanced.tile)
     depth = balanced.approximator_depth

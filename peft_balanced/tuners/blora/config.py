@@ -12,6 +12,17 @@ from ..base_config import AdapterConfig
 MAX_LORA_LR_BALANCE = 2
 
 
+def lora_lr_refusal(balance_factor: int) -> str | None:
+    """Why ``use_lora_lr`` is refused at ``balance_factor``, or ``None`` where it was measured to work."""
+    if balance_factor <= MAX_LORA_LR_BALANCE:
+        return None
+    return (
+        f"use_lora_lr needs balance_factor <= {MAX_LORA_LR_BALANCE}, got {balance_factor}: at λ = 4 and 8 the s·λ rule "
+        "made LoRA's lr 4 to 9 points worse than the paper's scaling at its own optimum (docs/accuracy.md). Leave "
+        "use_lora_lr off and train at about 3x LoRA's learning rate."
+    )
+
+
 @dataclass
 class BLoRAConfig(AdapterConfig):
     """Configuration of a :class:`BLoRAModel`.
@@ -67,13 +78,8 @@ class BLoRAConfig(AdapterConfig):
         check_positive_int("BLoRAConfig.balance_factor", self.balance_factor)
         check_flag("BLoRAConfig.skip_indivisible", self.skip_indivisible)
         check_flag("BLoRAConfig.use_lora_lr", self.use_lora_lr)
-        if self.use_lora_lr and self.balance_factor > MAX_LORA_LR_BALANCE:
-            raise ValueError(
-                f"BLoRAConfig.use_lora_lr=True needs balance_factor <= {MAX_LORA_LR_BALANCE}, got "
-                f"balance_factor={self.balance_factor}: at λ = 4 and 8 the s·λ rule made LoRA's lr 4 to 9 points worse "
-                "than the paper's scaling at its own optimum (docs/accuracy.md). Use use_lora_lr=False and about 3x "
-                "LoRA's learning rate."
-            )
+        if self.use_lora_lr and (refusal := lora_lr_refusal(self.balance_factor)):
+            raise ValueError(f"BLoRAConfig.{refusal}")
 
     @property
     def scaling(self) -> float:
