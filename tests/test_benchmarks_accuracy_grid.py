@@ -161,9 +161,25 @@ def test_the_rule_table_sets_each_use_lora_lr_method_against_its_own_optimum_pai
     chosen = {"qblora2": (3e-3, "select split", "top"), "qblora2_loralr": (1e-3, "only lr", None)}
     rows = report.lr_rule_table(methods, chosen).splitlines()[2:]  # SE: sqrt(pvariance([0,0,1,0,0,1,0,0]) / 8)
     assert rows == [
-        "| qblora2 | 0.003 (top of grid) | 37.5 ± 17.7 | 0.001 | 62.5 ± 17.7 | +25.0 ± 15.3 | +25.0, +25.0 |"
+        "| qblora2 | 0.003 (top of grid) | 37.5 ± 17.7 | use_lora_lr | 0.001 | 62.5 ± 17.7 | +25.0 ± 15.3 | +25.0, +25.0 |"
     ]
+
+
+def test_the_rule_table_names_a_candidate_rule_by_its_suffix():
+    run = {"mean_accuracy": 0.5, "correct": {"task": [1, 0]}}
+    methods = {"qblora4": {0: run}, "qblora4_s2": {0: run}}
+    chosen = {"qblora4": (3e-3, "select split", None), "qblora4_s2": (1e-3, "only lr", None)}
+    assert "| qblora4 | 0.003 | 50.0 | s × 2 | 0.001 | 50.0 | +0.0 ± 0.0 | +0.0 |" in report.lr_rule_table(
+        methods, chosen
+    )
 
 
 def test_the_rule_table_is_empty_without_use_lora_lr_runs():
     assert report.lr_rule_table({"qblora2": {}}, {"qblora2": (3e-3, "select split", None)}) == ""
+
+
+def test_a_candidate_rule_multiplies_the_adapters_lora_alpha_and_use_lora_lr_reaches_the_config():
+    settings = harness.Settings()
+    assert harness.adapter_config(harness.METHODS["qblora4_s2"], settings).lora_alpha == 2 * settings.lora_alpha
+    assert harness.adapter_config(harness.METHODS["qblora2_loralr"], settings).use_lora_lr is True
+    assert harness.adapter_config(harness.METHODS["qablora8x8_loralr"], settings).scaling == 8 * settings.qablora_alpha

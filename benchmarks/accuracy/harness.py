@@ -119,7 +119,7 @@ def adapter_config(method: Method, settings: Settings):
         return peft_balanced.BLoRAConfig(
             r=settings.r,
             balance_factor=method.balance,
-            lora_alpha=settings.lora_alpha,
+            lora_alpha=settings.lora_alpha * method.alpha_factor,
             use_lora_lr=method.use_lora_lr,
             **common,
         )
@@ -378,7 +378,7 @@ def run_group(methods: Sequence[Method], seed: int, bench: Bench, log: Callable[
             "method": method.name, "about": method.about, "seed": seed, "lr": s.lr, "steps": s.steps,
             "recipe": s.recipe, "base": method.base,
             "adapter": method.adapter, "balance": method.balance if method.adapter == "blora" else None,
-            "use_lora_lr": method.use_lora_lr,
+            "use_lora_lr": method.use_lora_lr, "alpha_factor": method.alpha_factor,
             "tile": list(method.tile) if method.adapter == "qablora" else None, "finish": method.finish,
             "trainable_params": trainable, "adapter_dtype": adapter_dtype,
             "tasks": list(bench.dev), "dev_n": {t: len(r) for t, r in bench.dev.items()},

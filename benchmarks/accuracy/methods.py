@@ -25,6 +25,7 @@ class Method:
     depth: int = 0
     trains_as: str = ""
     use_lora_lr: bool = False  # the configs' use_lora_lr: s times the input pooling factor (λ; QA-BLoRA: λ1)
+    alpha_factor: float = 1.0  # a candidate rule under study: lora_alpha (so s) times this
 
     @property
     def training_key(self) -> str:
@@ -55,6 +56,10 @@ METHODS: dict[str, Method] = {
                 use_lora_lr=True,
             )
             for b in (2,)  # λ = 4 and 8 were measured (docs/accuracy.md); BLoRAConfig now refuses them
+        ),
+        *(  # the candidate rule for λ > 2: the measured lr ratio is 3 at every λ, so try a factor on s that is too
+            Method(f"qblora{b}_s2", "nf4", "blora", f"Q-BLoRA, balance {b}, s × 2", balance=b, alpha_factor=2.0)
+            for b in (4, 8)
         ),
         *(
             Method(

@@ -27,7 +27,8 @@ from grid import choose_lr, edge_of, load_records, select_score
 
 METHOD_ORDER = (  # benchmarks/accuracy/methods.py METHODS; other names follow in the order first seen
     "base", "lora", "blora2", "qlora", "qblora1", "qblora2", "qblora4", "qblora8", "qablora4x8", "qablora8x8",
-    "qblora2_loralr", "qblora4_loralr", "qblora8_loralr", "qablora4x8_loralr", "qablora8x8_loralr",
+    "qblora2_loralr", "qblora4_loralr", "qblora8_loralr", "qablora4x8_loralr", "qablora8x8_loralr", "qblora4_s2",
+    "qblora8_s2",
     "lora_ptq_int4", "qlora_ptq_int4", "qlora_ptq_nf4", "qlora_requant",
     "lora_ga", "gradapprox", "gradapprox_d1", "gradapprox_d3", "gradapprox_d5",
 )  # fmt: skip
@@ -136,24 +137,29 @@ def lr_transfer_table(chosen: dict, reference: str = "lora") -> str:
     return "\n".join(lines)
 
 
-RULE_SUFFIX = "_loralr"  # methods.py: the method with its config's use_lora_lr
+RULES = {
+    "_loralr": "use_lora_lr",
+    "_s2": "s × 2",
+}  # methods.py: name suffix -> the scaling rule the method trains with
 
 
 def lr_rule_table(methods: dict[str, dict[int, dict]], chosen: dict) -> str:
-    """Each ``*_loralr`` method (``use_lora_lr``, trained at LoRA's lr) against the same method with the paper's
-    scaling at its own chosen lr: does the rule make LoRA's tuned lr right? Paired Δ, rule minus own optimum."""
-    lines = ["| method | own optimum: lr | accuracy | use_lora_lr: lr | accuracy | Δ | Δ per seed |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    """Each method trained under a scaling rule (``*_loralr``: the configs' ``use_lora_lr``; ``*_s2``: a candidate),
+    at LoRA's lr, against the same method with the paper's scaling at its own chosen lr: does the rule make LoRA's
+    tuned lr right? Paired Δ, rule minus own optimum."""
+    lines = ["| method | own optimum: lr | accuracy | rule | lr | accuracy | Δ | Δ per seed |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name in methods:
-        plain = name.removesuffix(RULE_SUFFIX)
-        if plain == name or plain not in methods:
+        suffix = next((suffix for suffix in RULES if name.endswith(suffix)), None)
+        plain = name.removesuffix(suffix) if suffix else name
+        if suffix is None or plain not in methods:
             continue
         runs, own = methods[name], methods[plain]
         delta = paired_delta(runs, own)
         edge = edge_note(chosen[plain][2])
         lines.append(
             f"| {plain} | {chosen[plain][0]:g}{f' ({edge})' if edge else ''} | "
-            f"{points([r['mean_accuracy'] for r in own.values()])} | {chosen[name][0]:g} | "
+            f"{points([r['mean_accuracy'] for r in own.values()])} | {RULES[suffix]} | {chosen[name][0]:g} | "
             f"{points([r['mean_accuracy'] for r in runs.values()])} | "
             f"{'' if delta is None else f'{delta[0]:+.1f} ± {delta[1]:.1f}'} | {per_seed_deltas(runs, own)} |"
         )
@@ -373,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         speed = f"{speed_table(methods)}\n\nlr transfer:\n\n{lr_transfer_table(chosen)}"
         rule = lr_rule_table(methods, chosen)
         if rule:
-            speed += f"\n\nThe lr-transfer rule (use_lora_lr) against each method's own optimum:\n\n{rule}"
+            speed += f"\n\nScaling rules for LoRA's lr against each method's own optimum:\n\n{rule}"
         print(f"\n{head}\n\n{grid_head}\n\n{grid}\n\n{speed}")
         table = accuracy_table(methods, args.reference, chosen)
         sections.append(f"{head}\n\n{table}\n\n{grid_head}\n\n{grid}\n\n{speed}\n")
