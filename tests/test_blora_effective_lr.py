@@ -1,4 +1,5 @@
-"""BLoRA's step size against LoRA's: the exact gradient identities behind docs/accuracy.md ("Why Q-BLoRA does not beat QLoRA here").
+"""BLoRA's step size against LoRA's: the exact gradient identities behind docs/accuracy.md ("Why Q-BLoRA does not
+beat QLoRA here").
 
 For ``y = W x + s · expand_λ(B A pool_λ(x))`` and the full-weight gradient ``G = ∂L/∂W``:
 ``∂L/∂B = (s/λ) · T_λ(G) · Aᵀ`` and ``∂L/∂A = (s/λ) · Bᵀ · T_λ(G)``, where ``T_λ`` sums ``G`` over λ×λ tiles.

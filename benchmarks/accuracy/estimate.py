@@ -36,10 +36,16 @@ def eval_tokens(bench: Bench) -> tuple[int, int]:
     return bench.meta["eval_tokens"]
 
 
+def unshared_step_seconds(rates: dict, base: str, tokens_per_step: float) -> float:
+    """Seconds of one training step on ``base`` by the fixed rates alone (a launch cost plus tokens at the base's
+    speed), before any measurement or GPU sharing."""
+    return rates["step"] + tokens_per_step / rates[base]
+
+
 def step_seconds(rates: dict, base: str, tokens_per_step: float) -> float:
     """Seconds of one training step on ``base``: measured, or assumed (times the ``slowdown`` measured on another
     base)."""
-    assumed = (rates["step"] + tokens_per_step / rates[base]) * rates.get("slowdown", 1.0)
+    assumed = unshared_step_seconds(rates, base, tokens_per_step) * rates.get("slowdown", 1.0)
     return rates.get(f"measured_{base}", assumed)
 
 
@@ -74,7 +80,7 @@ def calibrate(bench: Bench, record: dict) -> None:
     if record["padded_tokens"] and train_only > 0 and steps:
         measured = train_only / steps
         rates[f"measured_{record['base']}"] = measured
-        rates["slowdown"] = measured / (rates["step"] + record["padded_tokens"] / steps / rates[record["base"]])
+        rates["slowdown"] = measured / unshared_step_seconds(rates, record["base"], record["padded_tokens"] / steps)
     if record["eval_seconds"]:
         rates["measured_eval"] = record["eval_seconds"] / (len(record["eval_curve"]) + (record["finish"] != "none"))
     rates["measured_setup"] = record["setup_seconds"]

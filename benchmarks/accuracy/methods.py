@@ -26,6 +26,7 @@ class Method:
     trains_as: str = ""
     use_lora_lr: bool = False  # the configs' use_lora_lr: s times the input pooling factor (λ; QA-BLoRA: λ1)
     alpha_factor: float = 1.0  # a candidate rule under study: lora_alpha (so s) times this
+    # A method trained under a scaling rule is named after the method it rescales plus a suffix (report.py RULES).
 
     @property
     def training_key(self) -> str:

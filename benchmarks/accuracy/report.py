@@ -137,10 +137,8 @@ def lr_transfer_table(chosen: dict, reference: str = "lora") -> str:
     return "\n".join(lines)
 
 
-RULES = {
-    "_loralr": "use_lora_lr",
-    "_s2": "s × 2",
-}  # methods.py: name suffix -> the scaling rule the method trains with
+# methods.py's name suffixes of methods trained under a scaling rule -> that rule
+RULES = {"_loralr": "use_lora_lr", "_s2": "s × 2"}
 
 
 def lr_rule_table(methods: dict[str, dict[int, dict]], chosen: dict) -> str:
@@ -151,7 +149,7 @@ def lr_rule_table(methods: dict[str, dict[int, dict]], chosen: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name in methods:
         suffix = next((suffix for suffix in RULES if name.endswith(suffix)), None)
-        plain = name.removesuffix(suffix) if suffix else name
+        plain = name.removesuffix(suffix or "")
         if suffix is None or plain not in methods:
             continue
         runs, own = methods[name], methods[plain]

@@ -29,6 +29,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from .._compat import quiet_peft_checkpointing_alias
 from .model_source import resolve_model
 from .sft_checks import (
+    DEFAULT_BALANCE_FACTOR,
     METHODS,
     REMOTE_CODE_FLAG,
     SFTArgumentError,
@@ -290,7 +291,11 @@ def build_peft_config(balanced: BalancedArguments, model_args: ModelConfig, plan
         return QABLoRAConfig(tile=plan.tile, use_lora_lr=balanced.use_lora_lr, **common)
     common |= {"r": model_args.lora_r, "lora_alpha": model_args.lora_alpha}
     if balanced.peft_method == "blora":
-        return BLoRAConfig(balance_factor=balanced.balance_factor or 2, use_lora_lr=balanced.use_lora_lr, **common)
+        return BLoRAConfig(
+            balance_factor=balanced.balance_factor or DEFAULT_BALANCE_FACTOR,
+            use_lora_lr=balanced.use_lora_lr,
+            **common,
+        )
     return GradApproxConfig(approximator_depth=balanced.approximator_depth or 0, **common)
 
 

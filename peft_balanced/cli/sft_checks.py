@@ -115,7 +115,7 @@ def check_flags(balanced: Any, model_args: Any, script_args: Any, given: set[str
     if method == "blora" and balanced.use_lora_lr:
         from ..tuners.blora.config import lora_lr_refusal
 
-        if refusal := lora_lr_refusal(balanced.balance_factor or 2):
+        if refusal := lora_lr_refusal(balanced.balance_factor or DEFAULT_BALANCE_FACTOR):
             raise SFTArgumentError(f"--{refusal}")
     if balanced.tile is not None:
         parse_tile(balanced.tile)
