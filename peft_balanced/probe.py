@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .tuners.blora.config import MAX_LORA_LR_BALANCE
 from .utils import LLAMA_PROJECTIONS
 from .validation import check_positive_int, check_positive_number
 
@@ -110,8 +109,7 @@ class BalanceProbe:
         factor = max(local)
         multiplier = MEASURED_LR_MULTIPLIER.get(factor)
         lr = f"{multiplier:g}x LoRA's lr (measured)" if multiplier else "lr multiplier not measured for this λ"
-        if factor <= MAX_LORA_LR_BALANCE:
-            lr += ", or LoRA's lr with BLoRAConfig(use_lora_lr=True)"
+        lr += ", or LoRA's lr with BLoRAConfig(use_lora_lr=True)"
         return Recommendation(
             "blora",
             factor,

@@ -75,8 +75,6 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], list[str]]] = [
      ["BLoRAConfig.skip_indivisible", "yes", "True or False"]),
     ("blora-lora-lr-string", lambda: BLoRAConfig(use_lora_lr="yes"), ValueError,
      ["BLoRAConfig.use_lora_lr", "yes", "True or False"]),
-    ("blora-lora-lr-large-balance", lambda: BLoRAConfig(balance_factor=4, use_lora_lr=True), ValueError,
-     ["BLoRAConfig.use_lora_lr", "got 4", "balance_factor <= 2", "3x"]),
     ("blora-target-int", lambda: BLoRAConfig(target_modules=3), ValueError,
      ["BLoRAConfig.target_modules", "3", "list of module names"]),
     ("blora-negative-layer", lambda: BLoRAConfig(target_modules=["q_proj"], layers_to_transform=[-1]), ValueError,

@@ -167,11 +167,17 @@ def test_the_rule_table_sets_each_use_lora_lr_method_against_its_own_optimum_pai
 
 def test_the_rule_table_names_a_candidate_rule_by_its_suffix():
     run = {"mean_accuracy": 0.5, "correct": {"task": [1, 0]}}
-    methods = {"qblora4": {0: run}, "qblora4_s2": {0: run}}
-    chosen = {"qblora4": (3e-3, "select split", None), "qblora4_s2": (1e-3, "only lr", None)}
-    assert "| qblora4 | 0.003 | 50.0 | s × 2 | 0.001 | 50.0 | +0.0 ± 0.0 | +0.0 |" in report.lr_rule_table(
+    methods = {"qblora4": {0: run}, "qblora4_s4": {0: run}}
+    chosen = {"qblora4": (3e-3, "select split", None), "qblora4_s4": (1e-3, "only lr", None)}
+    assert "| qblora4 | 0.003 | 50.0 | s × 4 | 0.001 | 50.0 | +0.0 ± 0.0 | +0.0 |" in report.lr_rule_table(
         methods, chosen
     )
+
+
+def test_only_loralr_and_s_factor_suffixes_name_a_scaling_rule():
+    assert report.scaling_rule("qablora8x8_loralr") == ("qablora8x8", "use_lora_lr")
+    assert report.scaling_rule("qblora8_s8") == ("qblora8", "s × 8")
+    assert [report.scaling_rule(name) for name in ("qblora8", "gradapprox_d3", "qlora_ptq_nf4")] == [None] * 3
 
 
 def test_the_rule_table_is_empty_without_use_lora_lr_runs():
@@ -180,6 +186,10 @@ def test_the_rule_table_is_empty_without_use_lora_lr_runs():
 
 def test_a_candidate_rule_multiplies_the_adapters_lora_alpha_and_use_lora_lr_reaches_the_config():
     settings = harness.Settings()
-    assert harness.adapter_config(harness.METHODS["qblora4_s2"], settings).lora_alpha == 2 * settings.lora_alpha
+    assert harness.adapter_config(harness.METHODS["qblora4_s4"], settings).lora_alpha == 4 * settings.lora_alpha
     assert harness.adapter_config(harness.METHODS["qblora2_loralr"], settings).use_lora_lr is True
+    assert (
+        harness.adapter_config(harness.METHODS["qblora8_loralr"], settings).scaling
+        == 2 * settings.lora_alpha / settings.r
+    )
     assert harness.adapter_config(harness.METHODS["qablora8x8_loralr"], settings).scaling == 8 * settings.qablora_alpha

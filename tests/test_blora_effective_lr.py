@@ -70,10 +70,17 @@ def test_blora_a_gradient_is_b_transposed_times_the_tile_summed_weight_gradient_
 
 
 @pytest.mark.parametrize("lam", [1, 2])
-def test_use_lora_lr_scales_by_lambda_so_the_gradients_take_loras_form_on_the_tile_summed_gradient(lam):
+def test_use_lora_lr_up_to_lambda_two_gives_the_gradients_loras_form_on_the_tile_summed_gradient(lam):
     g, a, b, s = _blora_grads(lam, use_lora_lr=True)  # s = α/r, without the 1/λ of the average pool
     torch.testing.assert_close(b.grad, s * tile_sum(g, lam) @ a.detach().T, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(a.grad, s * b.detach().T @ tile_sum(g, lam), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("lam", [4, 8])
+def test_use_lora_lr_above_lambda_two_scales_the_gradients_by_two_not_by_lambda(lam):
+    g, a, b, s = _blora_grads(lam, use_lora_lr=True)
+    torch.testing.assert_close(b.grad, (2 * s / lam) * tile_sum(g, lam) @ a.detach().T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a.grad, (2 * s / lam) * b.detach().T @ tile_sum(g, lam), rtol=1e-10, atol=1e-12)
 
 
 def test_blora_with_balance_one_has_lora_gradients_for_the_same_weights():

@@ -90,7 +90,14 @@ def test_a_gradient_no_more_local_than_shuffled_recommends_lora():
 def test_a_local_gradient_recommends_the_largest_local_factor_with_the_measured_lr_multiplier():
     recommendation = probe_of(rho2=3.0, shuffled2=1.0).recommendation
     assert (recommendation.method, recommendation.balance_factor, recommendation.lr_multiplier) == ("blora", 2, 3.0)
-    assert "use_lora_lr=True" in recommendation.reason  # measured to transfer LoRA's lr at λ = 2
+    assert "use_lora_lr=True" in recommendation.reason
+
+
+def test_a_large_local_factor_is_also_offered_loras_lr_under_use_lora_lr():
+    row = ProjectionProbe("q_proj", (64, 64), energy=1.0, rho={1: 1.0, 8: 3.0}, rho_shuffled={1: 1.0, 8: 1.0})
+    recommendation = BalanceProbe(projections=[row], factors=(1, 8)).recommendation
+    assert recommendation.balance_factor == 8
+    assert "use_lora_lr=True" in recommendation.reason
 
 
 def test_a_projection_that_a_factor_does_not_divide_is_left_out_of_that_factor():

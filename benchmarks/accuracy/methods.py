@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from peft_balanced.tuners.blora.config import lora_lr_factor
+
 
 @dataclass(frozen=True)
 class Method:
@@ -24,7 +26,7 @@ class Method:
     finish: str = "none"
     depth: int = 0
     trains_as: str = ""
-    use_lora_lr: bool = False  # the configs' use_lora_lr: s times the input pooling factor (λ; QA-BLoRA: λ1)
+    use_lora_lr: bool = False  # the configs' use_lora_lr: s times min(λ, 2) (BLoRA) or λ1 (QA-BLoRA)
     alpha_factor: float = 1.0  # a candidate rule under study: lora_alpha (so s) times this
     # A method trained under a scaling rule is named after the method it rescales plus a suffix (report.py RULES).
 
@@ -52,14 +54,14 @@ METHODS: dict[str, Method] = {
                 f"qblora{b}_loralr",
                 "nf4",
                 "blora",
-                f"Q-BLoRA, balance {b}, s × {b} (use_lora_lr)",
+                f"Q-BLoRA, balance {b}, s × {lora_lr_factor(b)} (use_lora_lr)",
                 balance=b,
                 use_lora_lr=True,
             )
-            for b in (2,)  # λ = 4 and 8 were measured (docs/accuracy.md); BLoRAConfig now refuses them
+            for b in (2, 4, 8)
         ),
-        *(  # the candidate rule for λ > 2: the measured lr ratio is 3 at every λ, so try a factor on s that is too
-            Method(f"qblora{b}_s2", "nf4", "blora", f"Q-BLoRA, balance {b}, s × 2", balance=b, alpha_factor=2.0)
+        *(  # use_lora_lr's first rule, s × λ, which overshot above λ = 2 (docs/accuracy.md)
+            Method(f"qblora{b}_s{b}", "nf4", "blora", f"Q-BLoRA, balance {b}, s × {b}", balance=b, alpha_factor=b)
             for b in (4, 8)
         ),
         *(

@@ -27,8 +27,8 @@ from grid import choose_lr, edge_of, load_records, select_score
 
 METHOD_ORDER = (  # benchmarks/accuracy/methods.py METHODS; other names follow in the order first seen
     "base", "lora", "blora2", "qlora", "qblora1", "qblora2", "qblora4", "qblora8", "qablora4x8", "qablora8x8",
-    "qblora2_loralr", "qblora4_loralr", "qblora8_loralr", "qablora4x8_loralr", "qablora8x8_loralr", "qblora4_s2",
-    "qblora8_s2",
+    "qblora2_loralr", "qblora4_loralr", "qblora8_loralr", "qablora4x8_loralr", "qablora8x8_loralr", "qblora4_s4",
+    "qblora8_s8",
     "lora_ptq_int4", "qlora_ptq_int4", "qlora_ptq_nf4", "qlora_requant",
     "lora_ga", "gradapprox", "gradapprox_d1", "gradapprox_d3", "gradapprox_d5",
 )  # fmt: skip
@@ -137,27 +137,32 @@ def lr_transfer_table(chosen: dict, reference: str = "lora") -> str:
     return "\n".join(lines)
 
 
-# methods.py's name suffixes of methods trained under a scaling rule -> that rule
-RULES = {"_loralr": "use_lora_lr", "_s2": "s × 2"}
+def scaling_rule(name: str) -> tuple[str, str] | None:
+    """``(method it rescales, rule)`` for a method named after a scaling rule (methods.py): ``*_loralr`` is the
+    configs' ``use_lora_lr``, ``*_s<k>`` a factor ``k`` on ``s``; ``None`` for other names."""
+    plain, _, suffix = name.rpartition("_")
+    if suffix == "loralr":
+        return plain, "use_lora_lr"
+    if suffix[:1] == "s" and suffix[1:].isdigit():
+        return plain, f"s × {suffix[1:]}"
+    return None
 
 
 def lr_rule_table(methods: dict[str, dict[int, dict]], chosen: dict) -> str:
-    """Each method trained under a scaling rule (``*_loralr``: the configs' ``use_lora_lr``; ``*_s2``: a candidate),
-    at LoRA's lr, against the same method with the paper's scaling at its own chosen lr: does the rule make LoRA's
+    """Each method trained under a scaling rule (:func:`scaling_rule`), at LoRA's lr, against the same method with the paper's scaling at its own chosen lr: does the rule make LoRA's
     tuned lr right? Paired Δ, rule minus own optimum."""
     lines = ["| method | own optimum: lr | accuracy | rule | lr | accuracy | Δ | Δ per seed |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name in methods:
-        suffix = next((suffix for suffix in RULES if name.endswith(suffix)), None)
-        plain = name.removesuffix(suffix or "")
-        if suffix is None or plain not in methods:
+        plain, rule = scaling_rule(name) or ("", "")
+        if plain not in methods:
             continue
         runs, own = methods[name], methods[plain]
         delta = paired_delta(runs, own)
         edge = edge_note(chosen[plain][2])
         lines.append(
             f"| {plain} | {chosen[plain][0]:g}{f' ({edge})' if edge else ''} | "
-            f"{points([r['mean_accuracy'] for r in own.values()])} | {RULES[suffix]} | {chosen[name][0]:g} | "
+            f"{points([r['mean_accuracy'] for r in own.values()])} | {rule} | {chosen[name][0]:g} | "
             f"{points([r['mean_accuracy'] for r in runs.values()])} | "
             f"{'' if delta is None else f'{delta[0]:+.1f} ± {delta[1]:.1f}'} | {per_seed_deltas(runs, own)} |"
         )

@@ -83,9 +83,9 @@ class BalancedArguments:
     use_lora_lr: bool = field(
         default=False,
         metadata={
-            "help": "blora / qablora: multiply the scaling by the input pooling factor (λ; QA-BLoRA λ1) so that the "
-            "learning rate you would give LoRA fits (docs/accuracy.md: measured for QA-BLoRA and BLoRA λ=2; refused "
-            "for λ > 2). Without it, balanced adapters want about 3x LoRA's learning rate."
+            "help": "blora / qablora: scale the adapter so that the learning rate you would give LoRA fits: s times "
+            "min(λ, 2) for BLoRA, times λ1 for QA-BLoRA (measured: docs/accuracy.md). Without it, balanced adapters "
+            "want about 3x LoRA's learning rate."
         },
     )
     approximator_depth: int | None = field(

@@ -112,11 +112,6 @@ def check_flags(balanced: Any, model_args: Any, script_args: Any, given: set[str
         raise SFTArgumentError("--lora_target_parameters is a LoRA option; use --lora_target_modules")
     if balanced.balance_factor is not None and balanced.balance_factor < 1:
         raise SFTArgumentError(f"--balance_factor must be a positive integer; got {balanced.balance_factor}")
-    if method == "blora" and balanced.use_lora_lr:
-        from ..tuners.blora.config import lora_lr_refusal
-
-        if refusal := lora_lr_refusal(balanced.balance_factor or DEFAULT_BALANCE_FACTOR):
-            raise SFTArgumentError(f"--{refusal}")
     if balanced.tile is not None:
         parse_tile(balanced.tile)
     depth = balanced.approximator_depth
