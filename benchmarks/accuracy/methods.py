@@ -28,7 +28,8 @@ class Method:
     trains_as: str = ""
     use_lora_lr: bool = False  # the configs' use_lora_lr: s times min(λ, 2) (BLoRA) or λ1 (QA-BLoRA)
     alpha_factor: float = 1.0  # a candidate rule under study: lora_alpha (so s) times this
-    # A method trained under a scaling rule is named after the method it rescales plus a suffix (report.py RULES).
+    # A method trained under a scaling rule is named after the method it rescales plus a suffix
+    # (report.py scaling_rule).
 
     @property
     def training_key(self) -> str:

@@ -149,8 +149,9 @@ def scaling_rule(name: str) -> tuple[str, str] | None:
 
 
 def lr_rule_table(methods: dict[str, dict[int, dict]], chosen: dict) -> str:
-    """Each method trained under a scaling rule (:func:`scaling_rule`), at LoRA's lr, against the same method with the paper's scaling at its own chosen lr: does the rule make LoRA's
-    tuned lr right? Paired Δ, rule minus own optimum."""
+    """Each method trained under a scaling rule (:func:`scaling_rule`), at LoRA's lr, against the same method with the
+    paper's scaling at its own chosen lr: does the rule make LoRA's tuned lr right? Paired Δ, rule minus own
+    optimum."""
     lines = ["| method | own optimum: lr | accuracy | rule | lr | accuracy | Δ | Δ per seed |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name in methods:

@@ -62,9 +62,7 @@ class BLoRAConfig(AdapterConfig):
     )
     use_lora_lr: bool = field(
         default=False,
-        metadata={
-            "help": "s = min(λ, 2)·lora_alpha/r instead of lora_alpha/r, so that LoRA's tuned learning rate suits BLoRA."
-        },
+        metadata={"help": "s = min(λ, 2)·lora_alpha/r instead of lora_alpha/r, so that LoRA's tuned lr suits BLoRA."},
     )
 
     def __post_init__(self) -> None:
