@@ -4,6 +4,7 @@ peft's LoRA-GA runs in the same harness as GradApprox's anchor."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -193,3 +194,9 @@ def test_a_candidate_rule_multiplies_the_adapters_lora_alpha_and_use_lora_lr_rea
         == 2 * settings.lora_alpha / settings.r
     )
     assert harness.adapter_config(harness.METHODS["qablora8x8_loralr"], settings).scaling == 8 * settings.qablora_alpha
+
+
+def test_a_candidate_factor_on_s_reaches_qablora_too():
+    settings = harness.Settings()
+    candidate = dataclasses.replace(harness.METHODS["qablora4x8"], alpha_factor=3.0)
+    assert harness.adapter_config(candidate, settings).lora_alpha == 3.0 * settings.qablora_alpha

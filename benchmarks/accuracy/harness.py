@@ -125,7 +125,10 @@ def adapter_config(method: Method, settings: Settings):
         )
     if method.adapter == "qablora":
         return peft_balanced.QABLoRAConfig(
-            tile=method.tile, lora_alpha=settings.qablora_alpha, use_lora_lr=method.use_lora_lr, **common
+            tile=method.tile,
+            lora_alpha=settings.qablora_alpha * method.alpha_factor,
+            use_lora_lr=method.use_lora_lr,
+            **common,
         )
     if method.adapter == "gradapprox":
         return peft_balanced.GradApproxConfig(

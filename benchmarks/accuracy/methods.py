@@ -62,7 +62,9 @@ METHODS: dict[str, Method] = {
             for b in (2, 4, 8)
         ),
         *(  # use_lora_lr's first rule, s × λ, which overshot above λ = 2 (docs/accuracy.md)
-            Method(f"qblora{b}_s{b}", "nf4", "blora", f"Q-BLoRA, balance {b}, s × {b}", balance=b, alpha_factor=b)
+            Method(
+                f"qblora{b}_s{b}", "nf4", "blora", f"Q-BLoRA, balance {b}, s × {b}", balance=b, alpha_factor=float(b)
+            )
             for b in (4, 8)
         ),
         *(
